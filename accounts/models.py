@@ -1,0 +1,92 @@
+"""Users, their role, and the teams they deploy for.
+
+Why a small ``Team`` model and not Django's ``Group``: a group is a bundle of model permissions,
+while a team *owns* things (models, deployments, GPU quota) and appears in every audit event.
+Reusing ``Group`` would mix the two meanings (an "auditors" group is not a team) and leave no
+place for a slug, a quota or ownership rules. Roles are global, not per team: a member deploys
+for the teams they belong to, an auditor reads the audit trail and nothing else, an admin may do
+everything. The role alone decides ``is_staff``/``is_superuser``, so the Django admin and the RQ
+dashboard are reachable by admins only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import AbstractUser, UserManager
+from django.core.validators import RegexValidator
+from django.db import models
+
+
+class Role(models.TextChoices):
+    MEMBER = "member", "Member"
+    AUDITOR = "auditor", "Auditor"
+    ADMIN = "admin", "Admin"
+
+
+class BerthUserManager(UserManager):
+    def create_superuser(
+        self, username: str, email: str | None = None, password: str | None = None, **extra: Any
+    ):
+        extra["role"] = Role.ADMIN
+        return super().create_superuser(username, email, password, **extra)
+
+
+class User(AbstractUser):
+    """A person who signs in. ``role`` is the single source of their global rights."""
+
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    teams = models.ManyToManyField("Team", through="Membership", related_name="members", blank=True)
+
+    objects = BerthUserManager()
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.is_staff = self.is_superuser = self.role == Role.ADMIN
+        super().save(*args, **kwargs)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.is_active and self.role == Role.ADMIN
+
+    @property
+    def is_auditor(self) -> bool:
+        return self.is_active and self.role == Role.AUDITOR
+
+    @property
+    def is_member(self) -> bool:
+        return self.is_active and self.role == Role.MEMBER
+
+
+slug_validator = RegexValidator(
+    r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$",
+    "Use 1-64 lowercase letters, digits and hyphens, starting and ending with a letter or digit.",
+)
+
+
+class Team(models.Model):
+    """A group of users that owns models and deployments; the unit of quotas and visibility."""
+
+    slug = models.CharField(max_length=64, unique=True, validators=[slug_validator])
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    """A user's membership of a team."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="memberships")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="memberships")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "team"], name="membership_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team}"

@@ -1,0 +1,45 @@
+"""The one registry of audit verbs. ``record()`` refuses any action not listed here, so the
+review page's filter and the exports always know every verb that can appear."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class Action(models.TextChoices):
+    # Authentication and accounts
+    AUTH_LOGIN = "auth.login", "Signed in"
+    AUTH_LOGOUT = "auth.logout", "Signed out"
+    AUTH_LOGIN_FAILED = "auth.login_failed", "Sign-in failed"
+    ACCOUNT_ADMIN_CREATED = "account.admin_created", "First admin account created"
+    ACCOUNT_CREATED = "account.created", "Account created"
+    ACCOUNT_ROLE_CHANGED = "account.role_changed", "Account role changed"
+    TEAM_CREATED = "team.created", "Team created"
+    TEAM_MEMBER_ADDED = "team.member_added", "Team member added"
+    TEAM_MEMBER_REMOVED = "team.member_removed", "Team member removed"
+    # The audit trail itself
+    AUDIT_VERIFY_REQUESTED = "audit.verify_requested", "Chain verification requested"
+    AUDIT_VERIFIED = "audit.verified", "Chain verified"
+    # Models, GPUs and deployments (written by their apps)
+    MODEL_REGISTERED = "model.registered", "Model registered"
+    MODEL_INSPECTED = "model.inspected", "Model inspected"
+    MODEL_REMOVED = "model.removed", "Model removed"
+    HOST_REGISTERED = "host.registered", "Host registered"
+    GPU_RESERVED = "gpu.reserved", "GPUs reserved"
+    GPU_RELEASED = "gpu.released", "GPUs released"
+    DEPLOYMENT_LAUNCH_REQUESTED = "deployment.launch_requested", "Launch requested"
+    DEPLOYMENT_STATE_CHANGED = "deployment.state_changed", "Deployment state changed"
+    DEPLOYMENT_STOP_REQUESTED = "deployment.stop_requested", "Stop requested"
+    GC_RAN = "gc.ran", "Garbage collection ran"
+
+
+class Outcome(models.TextChoices):
+    OK = "ok", "OK"
+    FAILED = "failed", "Failed"
+    DENIED = "denied", "Denied"
+
+
+class ActorKind(models.TextChoices):
+    USER = "user", "User"
+    SYSTEM = "system", "System"
+    JOB = "job", "Job"

@@ -1,0 +1,61 @@
+"""RQ glue for the audit context, and the audit trail's own job.
+
+``enqueue()`` snapshots the current actor and request id into the job's meta; workers run jobs
+with :class:`ContextJob`, which restores that snapshot around the job, so ``record()`` inside a
+job names the user and request that caused it::
+
+    job_id = enqueue(get_queue(), "audit.jobs.verify_chain")
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from django.db import close_old_connections, transaction
+from rq import Queue
+from rq.job import Job
+
+from audit import context
+
+META_KEY = "berth_audit_context"
+
+
+class ContextJob(Job):
+    """An RQ job that runs under the audit context it was enqueued with."""
+
+    def perform(self) -> Any:
+        close_old_connections()
+        try:
+            with context.bind_job(self.id, self.meta.get(META_KEY) or {}):
+                return super().perform()
+        finally:
+            close_old_connections()
+
+
+def enqueue(
+    queue: Queue,
+    func: Callable[..., Any] | str,
+    *args: Any,
+    job_id: str | None = None,
+    **options: Any,
+) -> str:
+    """Enqueue ``func(*args)`` once the current transaction commits and return the job id.
+
+    The id is generated here because an enqueue deferred to commit has no Job object to return
+    yet; ``options`` are passed to ``Queue.enqueue`` (``job_timeout``, ``kwargs``, ``meta``...).
+    If the transaction rolls back, nothing is enqueued.
+    """
+    job_id = job_id or uuid.uuid4().hex
+    meta = {**options.pop("meta", {}), META_KEY: context.snapshot()}
+    transaction.on_commit(lambda: queue.enqueue(func, *args, job_id=job_id, meta=meta, **options))
+    return job_id
+
+
+def verify_chain() -> dict[str, Any]:
+    """Walk the whole audit chain and record the result as ``audit.verified``."""
+    from audit.verification import verify_and_record
+
+    result = verify_and_record()
+    return {"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq}

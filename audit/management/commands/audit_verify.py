@@ -1,0 +1,31 @@
+"""``manage.py audit_verify``: recompute the audit hash chain; exit 1 at the first break."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from audit.verification import verify_and_record, verify_stored_chain
+
+
+class Command(BaseCommand):
+    help = "Verify the audit hash chain; exit 1 naming the first broken sequence number."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--record",
+            action="store_true",
+            help="append the result to the audit trail as an audit.verified event",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        result = verify_and_record() if options["record"] else verify_stored_chain()
+        if not result.ok:
+            raise CommandError(
+                f"audit chain broken at sequence {result.first_bad_seq}: {result.reason} "
+                f"({result.checked} events verified before it)"
+            )
+        self.stdout.write(
+            f"audit chain intact: {result.checked} events, last sequence {result.last_seq}"
+        )

@@ -1,0 +1,99 @@
+"""The audit trail: one append-only, hash-chained table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+from django.conf import settings
+from django.db import models
+
+from audit.actions import Action, ActorKind, Outcome
+
+
+class AppendOnlyError(Exception):
+    """Raised when code tries to change or remove an audit event."""
+
+
+def _refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
+    raise AppendOnlyError("the audit trail is append-only: events cannot be changed or deleted")
+
+
+class AuditEventQuerySet(models.QuerySet):
+    """Reads only. Writes go through ``audit.record()``; bulk paths that would bypass the chain
+    raise. (Deleting a user still nulls ``actor`` through Django's base manager, which the
+    PostgreSQL trigger also allows: the copied ``actor_name`` is what the chain protects.)"""
+
+    update = _refuse
+    delete = _refuse
+    bulk_update = _refuse
+    bulk_create = _refuse
+    update_or_create = _refuse
+    get_or_create = _refuse
+    create = _refuse
+
+
+class AuditEvent(models.Model):
+    """One thing that happened: who did what to which target, with which outcome.
+
+    ``seq`` is gap-free; ``hash`` chains each row to the one before it (``audit.chain``), so
+    ``manage.py audit_verify`` finds an edited or deleted row by its sequence number.
+    """
+
+    seq = models.PositiveBigIntegerField(unique=True)
+    time = models.DateTimeField(db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_name = models.CharField(max_length=150)
+    actor_kind = models.CharField(max_length=10, choices=ActorKind.choices)
+    team = models.ForeignKey(
+        "accounts.Team", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    team_slug = models.CharField(max_length=64, blank=True)
+    action = models.CharField(max_length=64, choices=Action.choices, db_index=True)
+    target_type = models.CharField(max_length=100, blank=True)
+    target_id = models.CharField(max_length=64, blank=True)
+    target_repr = models.CharField(max_length=200, blank=True)
+    request_id = models.CharField(max_length=64, blank=True, db_index=True)
+    job_id = models.CharField(max_length=64, blank=True, db_index=True)
+    client_ip = models.CharField(max_length=45, blank=True)
+    outcome = models.CharField(max_length=10, choices=Outcome.choices, default=Outcome.OK)
+    # Canonical JSON text, not a JSONField: the chain hashes these exact bytes, and a database
+    # that re-encodes numbers (PostgreSQL jsonb) would otherwise break verification.
+    payload_json = models.TextField(default="{}")
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64, unique=True)
+
+    objects = AuditEventQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-seq"]
+        indexes = [
+            models.Index(fields=["target_type", "target_id"], name="audit_target_idx"),
+            models.Index(fields=["team", "-seq"], name="audit_team_seq_idx"),
+            models.Index(fields=["actor", "-seq"], name="audit_actor_seq_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} {self.action} by {self.actor_name} ({self.outcome})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            _refuse()
+        kwargs["force_insert"] = True
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _refuse()
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.payload_json)
+
+    @property
+    def action_label(self) -> str:
+        try:
+            return Action(self.action).label
+        except ValueError:
+            return self.action

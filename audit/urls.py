@@ -1,0 +1,9 @@
+from django.urls import path
+
+from audit import views
+
+urlpatterns = [
+    path("", views.review, name="audit-review"),
+    path("verify/", views.request_verification, name="audit-verify"),
+    path("events/<int:seq>/", views.event_detail, name="audit-event"),
+]

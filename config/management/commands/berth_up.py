@@ -1,0 +1,153 @@
+"""``manage.py berth_up``: the embedded console in one command (``make run`` calls it).
+
+Ensures Redis (starting a local redis-server when REDIS_URL is unreachable and one is
+installed), migrates, creates the first admin account, then runs an RQ worker with the
+scheduler and the ASGI web server until Ctrl-C, which stops all of them.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from config.processes import (
+    Supervisor,
+    child_environment,
+    local_redis_argv,
+    redis_reachable,
+    wait_until,
+)
+from config.queues import DEFAULT_QUEUE
+
+REDIS_START_DEADLINE_S = 15.0
+WEB_START_DEADLINE_S = 60.0
+HEALTH_TIMEOUT_S = 2.0
+
+
+class Stop(Exception):
+    """Raised from the signal handler to leave the supervision loop."""
+
+
+class Command(BaseCommand):
+    help = "Run the embedded console: Redis if needed, migrations, first admin, worker, web."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--bind", default=settings.BERTH_BIND, help="address to listen on (BERTH_BIND)"
+        )
+        parser.add_argument(
+            "--port", type=int, default=settings.BERTH_PORT, help="port to listen on (BERTH_PORT)"
+        )
+
+    def handle(self, *args: Any, bind: str, port: int, **options: Any) -> None:
+        supervisor = Supervisor()
+        previous = {
+            sig: signal.signal(sig, self._raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            self._run(supervisor, bind, port)
+        except Stop:
+            self.stdout.write("Stopping Berth…")
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            supervisor.stop_all(lambda line: self.stdout.write(f"  {line}"))
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if supervisor.failed is not None:
+            raise CommandError(f"{supervisor.failed} exited unexpectedly; see its output above")
+        self.stdout.write("Berth stopped.")
+
+    def _raise_stop(self, signum: int, frame: Any) -> None:
+        raise Stop
+
+    def _run(self, supervisor: Supervisor, bind: str, port: int) -> None:
+        base_dir = Path(settings.BASE_DIR)
+        self._ensure_redis(supervisor, base_dir)
+        call_command("migrate", interactive=False, verbosity=1)
+        call_command("ensure_admin")
+        env = child_environment()
+        manage = str(base_dir / "manage.py")
+        worker = supervisor.start(
+            "worker",
+            [sys.executable, manage, "berth_worker", DEFAULT_QUEUE, "--with-scheduler"],
+            env=env,
+            cwd=base_dir,
+        )
+        web = supervisor.start(
+            "web",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "config.asgi:application",
+                "--host",
+                bind,
+                "--port",
+                str(port),
+                "--lifespan",
+                "off",
+                "--no-access-log",
+                "--no-server-header",
+            ],
+            env=env,
+            cwd=base_dir,
+        )
+        host = f"[{bind}]" if ":" in bind else bind
+        url = f"http://{host}:{port}/"
+        if not wait_until(
+            lambda: _healthy(url),
+            WEB_START_DEADLINE_S,
+            abort=lambda: supervisor.first_exited() is not None,
+        ):
+            supervisor.failed = (supervisor.first_exited() or web).name
+            return
+        self.stdout.write(self.style.SUCCESS(f"Berth is up at {url}"))
+        self.stdout.write(
+            f"  web pid {web.process.pid}, worker pid {worker.process.pid} "
+            f"(queue '{DEFAULT_QUEUE}', with scheduler)"
+        )
+        self.stdout.write("  Press Ctrl-C to stop.")
+        self.stdout.flush()
+        wait_until(lambda: supervisor.first_exited() is not None, float("inf"))
+        supervisor.failed = supervisor.first_exited().name
+
+    def _ensure_redis(self, supervisor: Supervisor, base_dir: Path) -> None:
+        url = settings.REDIS_URL
+        if redis_reachable(url):
+            return
+        try:
+            argv = local_redis_argv(url, Path(settings.VAR_DIR) / "redis")
+        except ValueError as exc:
+            raise CommandError(
+                f"Redis is not reachable at REDIS_URL={url} and Berth cannot start one ({exc}). "
+                "Fix: install it (Debian/Ubuntu: sudo apt-get install redis-server), "
+                "or run one in Docker (docker run -d -p 6379:6379 redis:7), "
+                "or point REDIS_URL at a reachable server."
+            ) from None
+        redis = supervisor.start("redis", argv, env=child_environment(), cwd=base_dir)
+        if not wait_until(
+            lambda: redis_reachable(url), REDIS_START_DEADLINE_S, abort=lambda: not redis.running
+        ):
+            raise CommandError(
+                f"started redis-server for {url} but it did not answer; "
+                f"see {Path(settings.VAR_DIR) / 'redis' / 'redis.log'}"
+            )
+        self.stdout.write(
+            f"Started redis-server for {url} (pid {redis.process.pid}, data in var/redis)."
+        )
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}healthz", timeout=HEALTH_TIMEOUT_S) as response:  # noqa: S310 - our own http URL
+            return response.status == 200
+    except OSError:
+        return False

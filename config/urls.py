@@ -1,0 +1,37 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+
+from config import views
+
+SECTIONS = {
+    "models": ("Models", "Registered model directories, their inspection and sync"),
+    "gpus": ("GPUs", "GPU hosts and the live inventory of every GPU"),
+    "deployments": ("Deployments", "Deployments of models onto GPUs"),
+}
+
+urlpatterns = [
+    path("", views.dashboard, name="dashboard"),
+    path("healthz", views.healthz, name="healthz"),
+    path(
+        "accounts/login/",
+        auth_views.LoginView.as_view(redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("teams/", include("accounts.urls")),
+    path("audit/", include("audit.urls")),
+    *(
+        path(
+            f"{prefix}/",
+            views.pending_section,
+            {"title": title, "subject": subject},
+            name=f"{prefix}-index",
+        )
+        for prefix, (title, subject) in SECTIONS.items()
+    ),
+    path("admin/", admin.site.urls),
+]
+
+admin.site.site_header = "Berth administration"
+admin.site.site_title = "Berth admin"

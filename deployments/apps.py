@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class DeploymentsConfig(AppConfig):
+    """Deployments, the planner, the launcher, monitoring, diagnosis and garbage collection."""
+
+    name = "deployments"
+    verbose_name = "Deployments"

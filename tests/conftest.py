@@ -1,0 +1,218 @@
+"""Shared fixtures: the people of every permission test, services, and helpers.
+
+Tests that need a service (Redis, PostgreSQL, Docker, Chromium) are marked; when the service
+is missing they skip with the reason, unless BERTH_REQUIRE_SERVICES=1 (CI), where they fail.
+Tests marked ``postgres`` need the suite to run on PostgreSQL (DATABASE_URL=postgres://...);
+on SQLite they are deselected and the summary says how many, so CI runs the suite once on each.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from redis import Redis
+from redis.exceptions import RedisError
+
+from accounts.models import Membership, Role, Team, User
+
+REQUIRE_SERVICES = os.environ.get("BERTH_REQUIRE_SERVICES", "") == "1"
+BASE_DIR = Path(__file__).resolve().parent.parent
+PASSWORD = "correct-horse-battery-staple"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _test_redis_url(url: str) -> str:
+    """A Redis database of its own for each xdist worker (15, 14, ...), flushed at start, so
+    tests never touch the development data in database 0 and workers never share a queue."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw-1")
+    index = 15 - (int(worker.removeprefix("gw")) + 1) % 8
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{index}"))
+
+
+TEST_REDIS_URL = _test_redis_url(settings.REDIS_URL)
+settings.REDIS_URL = TEST_REDIS_URL
+settings.RQ_QUEUES["default"]["URL"] = TEST_REDIS_URL
+
+
+def service_missing(reason: str) -> None:
+    """Skip (locally) or fail (CI) a test whose service is not available."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"BERTH_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@cache
+def _redis_problem() -> str | None:
+    try:
+        client = Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=1)
+        client.ping()
+        client.flushdb()
+    except RedisError as exc:
+        return f"Redis is not reachable at {TEST_REDIS_URL}: {exc}"
+    return None
+
+
+@cache
+def _docker_problem() -> str | None:
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+    except Exception as exc:  # docker raises several unrelated types when the engine is absent
+        return f"no Docker engine reachable: {exc}"
+    return None
+
+
+@cache
+def _browser_problem() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as exc:
+        return f"playwright is not installed: {exc}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if connection.vendor == "postgresql":
+        return
+    kept = [item for item in items if item.get_closest_marker("postgres") is None]
+    deselected = [item for item in items if item.get_closest_marker("postgres") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+        config._berth_pg_deselected = len(deselected)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    count = getattr(config, "_berth_pg_deselected", 0)
+    if count:
+        terminalreporter.write_line(
+            f"{count} PostgreSQL tests deselected: the suite ran on SQLite; "
+            "run it again with DATABASE_URL=postgres://... to include them"
+        )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    checks = {"redis": _redis_problem, "docker": _docker_problem, "browser": _browser_problem}
+    for marker, problem in checks.items():
+        if item.get_closest_marker(marker) is not None and (reason := problem()) is not None:
+            service_missing(reason)
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings: Any) -> None:
+    """MD5 hashing in tests: Django's PBKDF2 default costs ~0.5 s per login on two cores."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def team_a(db: None) -> Team:
+    """Team A ("team-a"), alice's team."""
+    return Team.objects.create(slug="team-a", name="Team A")
+
+
+@pytest.fixture
+def team_b(db: None) -> Team:
+    """Team B ("team-b"), bob's team."""
+    return Team.objects.create(slug="team-b", name="Team B")
+
+
+def make_user(username: str, role: Role, *teams: Team) -> User:
+    user = User.objects.create_user(username=username, password=PASSWORD, role=role)
+    for team in teams:
+        Membership.objects.create(user=user, team=team)
+    return user
+
+
+@pytest.fixture
+def alice(team_a: Team) -> User:
+    """A member of team A."""
+    return make_user("alice", Role.MEMBER, team_a)
+
+
+@pytest.fixture
+def bob(team_b: Team) -> User:
+    """A member of team B."""
+    return make_user("bob", Role.MEMBER, team_b)
+
+
+@pytest.fixture
+def carol(db: None) -> User:
+    """An auditor: reads the audit trail and nothing else."""
+    return make_user("carol", Role.AUDITOR)
+
+
+@pytest.fixture
+def admin(db: None) -> User:
+    """An admin: everything, including the Django admin and the RQ dashboard."""
+    return make_user("root", Role.ADMIN)
+
+
+@pytest.fixture
+def people(alice: User, bob: User, carol: User, admin: User) -> dict[str, User | None]:
+    """The permission-matrix cast by name; ``anonymous`` is None."""
+    return {"alice": alice, "bob": bob, "carol": carol, "admin": admin, "anonymous": None}
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """Environment for a child ``manage.py`` that shares this test's database and Redis."""
+    env = dict(os.environ)
+    env["DATABASE_URL"] = database_url_of_test_db()
+    env["REDIS_URL"] = TEST_REDIS_URL
+    env["BERTH_VAR_DIR"] = str(settings.VAR_DIR)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides)
+    return env
+
+
+def database_url_of_test_db() -> str:
+    config = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{Path(config['NAME']).resolve()}"
+    auth = config["USER"] + (f":{config['PASSWORD']}" if config["PASSWORD"] else "")
+    host, port = config["HOST"] or "localhost", config["PORT"] or 5432
+    return f"postgres://{auth}@{host}:{port}/{config['NAME']}"
+
+
+def run_manage(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run ``manage.py`` in a child process (exec-style, this interpreter)."""
+    return subprocess.run(
+        [sys.executable, str(BASE_DIR / "manage.py"), *args],
+        env=env,
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def redis_client() -> Iterator[Redis]:
+    """A client on this worker's test Redis database."""
+    client = Redis.from_url(TEST_REDIS_URL)
+    yield client
+    client.close()
+
+
+def which_or_skip(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        service_missing(f"{binary} is not installed")
+    return str(path)
