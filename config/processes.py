@@ -125,7 +125,8 @@ def local_redis_argv(url: str, data_dir: Path) -> list[str]:
         raise ValueError("redis-server is not installed")
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
-        str(Path(binary).resolve()),
+        # Not resolved: redis-server is a symlink to a multi-call binary that reads argv[0].
+        str(Path(binary).absolute()),
         "--bind",
         host,
         "--port",

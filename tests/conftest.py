@@ -216,3 +216,132 @@ def which_or_skip(binary: str) -> str:
     if path is None:
         service_missing(f"{binary} is not installed")
     return str(path)
+
+
+BUSYBOX = Path("/usr/bin/busybox")
+BUSYBOX_DOCKERFILE = b"""FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+ENV PATH=/bin
+CMD ["/bin/sh"]
+"""
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[Any]:
+    """A Docker SDK client on the local engine (skips or fails when there is none)."""
+    if (reason := _docker_problem()) is not None:
+        service_missing(reason)
+    import docker
+
+    client = docker.from_env(timeout=60)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker_client: Any) -> str:
+    """A tiny local image ``FROM scratch`` with Debian's static busybox (no registry needed).
+
+    Tagged by the content hash of its inputs, so it is built once per machine and reused.
+    """
+    import hashlib
+    import io
+    import tarfile
+
+    if not BUSYBOX.exists():
+        service_missing(f"{BUSYBOX} is missing (apt-get install busybox-static)")
+    binary = BUSYBOX.read_bytes()
+    tag = "berth-test/busybox:" + hashlib.sha256(BUSYBOX_DOCKERFILE + binary).hexdigest()[:12]
+    if docker_client.images.list(name=tag):
+        return tag
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as archive:
+        for name, data, mode in (
+            ("Dockerfile", BUSYBOX_DOCKERFILE, 0o644),
+            ("busybox", binary, 0o755),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            archive.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    docker_client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)
+    return tag
+
+
+ARTIFACTS = BASE_DIR / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # the machine has no outbound network
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (never ``playwright install``)."""
+    if (reason := _browser_problem()) is not None:
+        service_missing(reason)
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread; the ORM calls tests make between
+    # page actions are still plain synchronous code.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield chromium
+        chromium.close()
+    if previous is None:
+        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+    else:
+        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+@pytest.fixture
+def page(browser: Any, live_server: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh browser page on the live server. Console errors (CSP violations included) fail
+    the test; a screenshot of the last state is kept in ``artifacts/`` when the test fails."""
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(15_000)
+    new_page = context.new_page()
+    errors: list[str] = []
+    new_page.on(
+        "console", lambda message: errors.append(message.text) if message.type == "error" else None
+    )
+    new_page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield new_page
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if failed:
+        screenshot(new_page, f"failed-{request.node.name}")
+    context.close()
+    assert errors == [], f"browser console errors: {errors}"
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """Save a full-page screenshot under ``artifacts/screenshots/``."""
+    path = ARTIFACTS / "screenshots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def browser_login(page: Any, username: str, password: str = PASSWORD) -> None:
+    """Sign in through the login form, as a person would."""
+    page.goto("/accounts/login/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()

@@ -72,7 +72,9 @@ def test_audit_review_filters_and_pages_with_bounded_queries(
         first = client.get("/audit/")
     html = first.content.decode()
     assert html.count('<tr>\n      <td><a href="/audit/events/') == 50
-    newest, oldest_shown = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[0:50:49]
+    newest, oldest_shown = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[
+        0:50:49
+    ]
     assert f"/audit/events/{newest}/" in html
     assert f'href="?before={oldest_shown}"' in html
     older = client.get(f"/audit/?before={oldest_shown}", headers={"HX-Request": "true"})
