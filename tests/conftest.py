@@ -168,9 +168,21 @@ def people(alice: User, bob: User, carol: User, admin: User) -> dict[str, User |
     return {"alice": alice, "bob": bob, "carol": carol, "admin": admin, "anonymous": None}
 
 
+ASYNC_UNSAFE = "DJANGO_ALLOW_ASYNC_UNSAFE"
+
+
+def clean_environ(*drop_prefixes: str) -> dict[str, str]:
+    """This process's environment for a child, minus test-only switches and ``drop_prefixes``."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key != ASYNC_UNSAFE and not key.startswith(drop_prefixes or ("\0",))
+    }
+
+
 def subprocess_env(**overrides: str) -> dict[str, str]:
     """Environment for a child ``manage.py`` that shares this test's database and Redis."""
-    env = dict(os.environ)
+    env = clean_environ()
     env["DATABASE_URL"] = database_url_of_test_db()
     env["REDIS_URL"] = TEST_REDIS_URL
     env["BERTH_VAR_DIR"] = str(settings.VAR_DIR)
@@ -288,10 +300,11 @@ def browser() -> Iterator[Any]:
         service_missing(reason)
     from playwright.sync_api import sync_playwright
 
-    # Playwright's sync API runs an event loop in this thread; the ORM calls tests make between
-    # page actions are still plain synchronous code.
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    # Playwright's sync API keeps an event loop running in this thread, so Django would refuse
+    # the plain ORM calls tests make between page actions. Child processes never inherit this
+    # (see ``clean_environ``).
+    previous = os.environ.get(ASYNC_UNSAFE)
+    os.environ[ASYNC_UNSAFE] = "true"
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
@@ -299,9 +312,9 @@ def browser() -> Iterator[Any]:
         yield chromium
         chromium.close()
     if previous is None:
-        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        os.environ.pop(ASYNC_UNSAFE, None)
     else:
-        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+        os.environ[ASYNC_UNSAFE] = previous
 
 
 @pytest.fixture

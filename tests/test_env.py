@@ -17,7 +17,7 @@ from config.env import (
     env_secret,
     parse_database_url,
 )
-from tests.conftest import BASE_DIR, run_manage
+from tests.conftest import BASE_DIR, clean_environ, run_manage
 
 
 @pytest.mark.parametrize(
@@ -108,13 +108,7 @@ def test_database_url_errors_hide_the_password() -> None:
 
 
 def _settings_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    import os
-
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"SECRET_KEY", "DATABASE_URL", "ALLOWED_HOSTS"}
-    }
+    env = clean_environ("SECRET_KEY", "DATABASE_URL", "ALLOWED_HOSTS")
     env.update(
         {"BERTH_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "config.settings", **extra}
     )

@@ -21,7 +21,7 @@ import pytest
 from redis import Redis
 from rq import Queue
 
-from tests.conftest import BASE_DIR, run_manage, which_or_skip
+from tests.conftest import BASE_DIR, clean_environ, run_manage, which_or_skip
 
 pytestmark = pytest.mark.redis
 
@@ -77,11 +77,7 @@ class Console:
 
 @pytest.fixture
 def console_env(tmp_path: Path) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("DATABASE_URL", "SECRET_KEY"))
-    }
+    env = clean_environ("DATABASE_URL", "SECRET_KEY", "BERTH_ADMIN_PASSWORD")
     env.update(
         BERTH_VAR_DIR=str(tmp_path / "var"),
         DATABASE_URL=f"sqlite:///{tmp_path / 'berth.sqlite3'}",
@@ -89,7 +85,6 @@ def console_env(tmp_path: Path) -> dict[str, str]:
         BERTH_ADMIN_USERNAME="platform-admin",
         PYTHONUNBUFFERED="1",
     )
-    env.pop("BERTH_ADMIN_PASSWORD", None)
     return env
 
 
