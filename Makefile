@@ -1,0 +1,23 @@
+# The two commands of the README's Quick start, and a few helpers.
+.PHONY: run test lint lock
+
+# Bring up the console (embedded SQLite + local Redis) with a worker, until Ctrl-C.
+run:
+	@scripts/bootstrap runtime
+	@.venv/bin/python manage.py berth_up
+
+# Run the whole test suite (extra pytest arguments: make test ARGS="-k audit").
+test:
+	@scripts/bootstrap dev
+	@.venv/bin/python -m pytest $(ARGS)
+
+lint:
+	@scripts/bootstrap dev
+	@.venv/bin/ruff check .
+	@.venv/bin/ruff format --check .
+
+# Re-pin the lock files after changing pyproject.toml.
+lock:
+	@scripts/bootstrap dev
+	.venv/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe -o requirements.lock pyproject.toml
+	.venv/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --extra dev -c requirements.lock -o requirements-dev.lock pyproject.toml
