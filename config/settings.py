@@ -173,9 +173,6 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-if env_bool("BERTH_FAST_PASSWORD_HASHER", default=False):
-    # Tests only: PBKDF2 at 1.2M iterations costs ~0.5 s per login on two cores.
-    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 SESSION_COOKIE_AGE = int(timedelta(hours=env_int("SESSION_HOURS", 12, minimum=1)).total_seconds())
 SESSION_COOKIE_HTTPONLY = True
