@@ -3,9 +3,11 @@ tree, and Ctrl-C stopping all of it."""
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import sqlite3
@@ -13,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,10 +126,10 @@ def test_berth_up_starts_redis_worker_and_web_and_ctrl_c_stops_them_all(
     web_pid = int(pids_line.split("web pid ")[1].split(",")[0])
     worker_pid = int(pids_line.split("worker pid ")[1].split(" ")[0])
 
-    with urllib.request.urlopen(f"{url}healthz", timeout=5) as response:  # noqa: S310 - local test server
+    with urllib.request.urlopen(f"{url}healthz", timeout=5) as response:
         assert json.load(response) == {"status": "ok", "database": "ok", "redis": "ok"}
-    with urllib.request.urlopen(f"{url}accounts/login/", timeout=5) as response:  # noqa: S310
-        assert b"Sign in to Berth" in response.read()
+    password = password_line.split("password:")[1].strip()
+    request_id = _sign_in_over_asgi(url, "platform-admin", password)
 
     # The worker it started runs jobs: the chain verification lands in the console's database.
     redis = Redis.from_url(console_env["REDIS_URL"])
@@ -133,6 +137,11 @@ def test_berth_up_starts_redis_worker_and_web_and_ctrl_c_stops_them_all(
     database = Path(console_env["DATABASE_URL"].removeprefix("sqlite:///"))
     assert _wait(lambda: _count(database, "audit.verified") == 1, 30), console.rest()
     assert _count(database, "account.admin_created") == 1
+    with sqlite3.connect(database, timeout=10) as db:
+        login = db.execute(
+            "SELECT actor_name, request_id FROM audit_auditevent WHERE action = 'auth.login'"
+        ).fetchone()
+    assert login == ("platform-admin", request_id)  # the request id survives the ASGI stack
 
     console.process.send_signal(signal.SIGINT)
     assert console.process.wait(timeout=STOP_DEADLINE_S) == 0, console.rest()
@@ -164,6 +173,35 @@ def test_unreachable_remote_redis_gives_the_fix(console_env: dict[str, str]) -> 
     assert "Redis is not reachable at REDIS_URL=redis://redis.invalid:6379/0" in message
     assert "apt-get install redis-server" in message
     assert "docker run" in message
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _sign_in_over_asgi(url: str, username: str, password: str) -> str:
+    """Sign in through the login form served by uvicorn; returns the POST's request id."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), _NoRedirect)
+    with opener.open(f"{url}accounts/login/", timeout=5) as response:
+        html = response.read().decode()
+    assert "Sign in to Berth" in html
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', html).group(1)
+    form = {"username": username, "password": password, "csrfmiddlewaretoken": token}
+    request = urllib.request.Request(
+        f"{url}accounts/login/",
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"Referer": url},
+    )
+    with pytest.raises(urllib.error.HTTPError) as redirect:
+        opener.open(request, timeout=5)
+    assert (redirect.value.code, redirect.value.headers["Location"]) == (302, "/")
+    request_id = redirect.value.headers["X-Request-ID"]
+    redirect.value.close()
+    with opener.open(url, timeout=5) as response:
+        assert "<h1>Dashboard</h1>" in response.read().decode()
+    return request_id
 
 
 def _count(database: Path, action: str) -> int:
