@@ -8,14 +8,20 @@ from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin
 
 import audit
+from accounts import services
 from accounts.models import Membership, Team, User
 from audit.actions import Action
 
 
 class MembershipInline(admin.TabularInline):
+    """Members are added or removed, never re-pointed, so each change is one audited action."""
+
     model = Membership
     extra = 1
     autocomplete_fields = ["user"]
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(User)
@@ -58,23 +64,9 @@ class TeamAdmin(admin.ModelAdmin):
             audit.record(Action.TEAM_CREATED, target=obj, team=obj, slug=obj.slug, name=obj.name)
 
     def save_formset(self, request: Any, form: Any, formset: Any, change: bool) -> None:
-        instances = formset.save(commit=False)
-        for removed in formset.deleted_objects:
-            audit.record(
-                Action.TEAM_MEMBER_REMOVED,
-                target=removed.user,
-                team=removed.team,
-                username=removed.user.username,
-            )
-            removed.delete()
-        for membership in instances:
-            is_new = membership.pk is None
-            membership.save()
-            if is_new:
-                audit.record(
-                    Action.TEAM_MEMBER_ADDED,
-                    target=membership.user,
-                    team=membership.team,
-                    username=membership.user.username,
-                )
-        formset.save_m2m()
+        """Membership changes go through the audited services."""
+        added = formset.save(commit=False)
+        for membership in formset.deleted_objects:
+            services.remove_member(membership.team, membership.user)
+        for membership in added:
+            services.add_member(membership.team, membership.user)
