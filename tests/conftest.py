@@ -33,10 +33,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def _test_redis_url(url: str) -> str:
-    """A Redis database of its own for each xdist worker (15, 14, ...), flushed at start, so
-    tests never touch the development data in database 0 and workers never share a queue."""
+    """A Redis database of its own for each xdist worker (15, 14, ... counting down from
+    BERTH_TEST_REDIS_DB), flushed at start, so tests never touch the development data in
+    database 0 and workers never share a queue. Two suites running side by side on one machine
+    give each other room with BERTH_TEST_REDIS_DB (e.g. 11)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw-1")
-    index = 15 - (int(worker.removeprefix("gw")) + 1) % 8
+    top = int(os.environ.get("BERTH_TEST_REDIS_DB", "15"))
+    index = max(top - (int(worker.removeprefix("gw")) + 1) % 8, 1)
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{index}"))
 
