@@ -51,7 +51,9 @@ class AuditEvent(models.Model):
         "accounts.Team", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     team_slug = models.CharField(max_length=64, blank=True)
-    action = models.CharField(max_length=64, choices=Action.choices, db_index=True)
+    # No ``choices``: the registry (audit.actions.Action) grows with every feature and
+    # ``record()`` enforces it; choices here would need a migration per new verb.
+    action = models.CharField(max_length=64, db_index=True)
     target_type = models.CharField(max_length=100, blank=True)
     target_id = models.CharField(max_length=64, blank=True)
     target_repr = models.CharField(max_length=200, blank=True)

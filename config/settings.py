@@ -268,3 +268,23 @@ LOGGING = {
 # --- Berth ----------------------------------------------------------------------------------
 BERTH_BIND = env_str("BERTH_BIND", "127.0.0.1")
 BERTH_PORT = env_int("BERTH_PORT", default=8000, minimum=1, maximum=65535)
+
+# --- GPU inventory ---------------------------------------------------------------------------
+# How often each host's agent collects (dcgm-exporter's default is 30 s; NVML calls are cheap
+# once initialised, see shared/reference/performance.md §3).
+BERTH_AGENT_INTERVAL_S = env_int("BERTH_AGENT_INTERVAL_S", default=15, minimum=1, maximum=3600)
+# A host is offline (and gets no placements) after this many intervals without a heartbeat.
+BERTH_AGENT_OFFLINE_AFTER = env_int("BERTH_AGENT_OFFLINE_AFTER", default=3, minimum=2)
+# Placement refuses readings older than this many intervals (performance.md §4.4: ~2x).
+BERTH_GPU_STALE_AFTER = env_int("BERTH_GPU_STALE_AFTER", default=2, minimum=1)
+# Memory held by processes Berth did not start above which a GPU is flagged and not chosen.
+BERTH_GPU_FOREIGN_THRESHOLD_MIB = env_int("BERTH_GPU_FOREIGN_THRESHOLD_MIB", 1024, minimum=0)
+BERTH_GPU_RAW_RETENTION_H = env_int("BERTH_GPU_RAW_RETENTION_H", default=48, minimum=1)
+BERTH_GPU_ROLLUP_MINUTES = env_int("BERTH_GPU_ROLLUP_MINUTES", default=5, minimum=1, maximum=60)
+BERTH_GPU_ROLLUP_RETENTION_D = env_int("BERTH_GPU_ROLLUP_RETENTION_D", default=30, minimum=1)
+# The image nvidia-smi runs in when neither NVML nor nvidia-smi work on the agent itself; the
+# NVIDIA runtime mounts nvidia-smi into it, so it only needs a C library.
+BERTH_GPU_PROBE_IMAGE = env_str("BERTH_GPU_PROBE_IMAGE", "ubuntu:24.04")
+BERTH_GPU_PROBE_TIMEOUT_S = env_int("BERTH_GPU_PROBE_TIMEOUT_S", default=60, minimum=5)
+# The name berth_up registers the machine it runs on under (default: this host's name).
+BERTH_LOCAL_HOST_NAME = env_str("BERTH_LOCAL_HOST_NAME", "")

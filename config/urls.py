@@ -5,7 +5,6 @@ from django.urls import include, path
 from config import views
 
 SECTIONS = {
-    "models": ("Models", "Registered model directories, their inspection and sync"),
     "gpus": ("GPUs", "GPU hosts and the live inventory of every GPU"),
     "deployments": ("Deployments", "Deployments of models onto GPUs"),
 }
@@ -21,6 +20,7 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("teams/", include("accounts.urls")),
     path("audit/", include("audit.urls")),
+    path("models/", include("models_registry.urls")),
     *(
         path(
             f"{prefix}/",

@@ -1,0 +1,57 @@
+"""Admin pages: storage mounts are managed here; models are registered through the console."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+
+import audit
+from audit.actions import Action
+from models_registry.jobs import schedule_sync
+from models_registry.models import Model, StorageMount
+
+
+@admin.register(StorageMount)
+class StorageMountAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "canonical_prefix",
+        "local_path",
+        "host_path",
+        "container_path",
+        "team",
+        "last_synced",
+    ]
+    readonly_fields = ["last_synced", "created"]
+
+    def save_model(self, request: Any, obj: StorageMount, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        audit.record(
+            Action.STORAGE_MOUNT_SAVED,
+            target=obj,
+            team=obj.team,
+            created=not change,
+            **{
+                field: getattr(obj, field)
+                for field in ("canonical_prefix", "local_path", "host_path", "container_path")
+            },
+            sync_interval_minutes=obj.sync_interval_minutes,
+        )
+        if obj.sync_interval_minutes:
+            schedule_sync(obj)
+
+
+@admin.register(Model)
+class ModelAdmin(admin.ModelAdmin):
+    """Read-only: registering and re-inspecting go through the console's audited pages."""
+
+    list_display = ["path", "team", "status", "architecture", "parameter_count", "inspected_at"]
+    list_filter = ["status", "team", "mount"]
+    search_fields = ["path", "architecture"]
+
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_change_permission(self, request: Any, obj: Model | None = None) -> bool:
+        return False
