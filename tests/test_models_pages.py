@@ -174,3 +174,20 @@ def test_sync_job_runs_in_a_real_worker_as_the_admin_who_asked(admin: User, tmp_
         requested.request_id,
     )
     assert synced.payload["created"] == 1
+
+
+@pytest.mark.redis
+def test_periodic_sync_is_booked_once_per_mount(ceph: StorageMount) -> None:
+    import django_rq
+
+    from models_registry.jobs import schedule_sync
+
+    assert schedule_sync(ceph) is None  # interval 0: manual only
+    ceph.sync_interval_minutes = 30
+    ceph.save()
+    queue = django_rq.get_queue("default")
+    first, second = schedule_sync(ceph), schedule_sync(ceph)
+    assert first == second == f"sync-mount-{ceph.pk}"
+    scheduled = queue.scheduled_job_registry.get_job_ids()
+    assert scheduled.count(first) == 1
+    queue.scheduled_job_registry.remove(first, delete_job=True)
