@@ -1,0 +1,122 @@
+"""Diagnosis of engine logs: every signature gives its code, the root cause comes before the
+wrappers that report it, and a healthy log raises no alarm. Signatures are vLLM's own messages
+(shared/reference/vllm.md §5, with the issue each was seen in)."""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from deployments.diagnostics import RULES, diagnose
+
+LOGS = Path(__file__).parent / "fixtures" / "vllm_logs"
+PREFIX = "INFO 11-27 04:10:01 [utils.py:233] non-default args: {'model': '/models/x'}\n"
+WRAPPER = (
+    "(APIServer pid=1) RuntimeError: Engine core initialization failed. See root cause above. "
+    "Failed core proc(s): {'EngineCore_DP0': 1}\n"
+)
+
+SIGNATURES = {
+    "no-nvidia-runtime": 'docker: Error response from daemon: could not select device driver "" with capabilities: [[gpu]].',
+    "gpu-request-conflict": "Error response from daemon: cannot set both Count and DeviceIDs on device request",
+    "no-gpu-visible": "RuntimeError: Failed to infer device type",
+    "cuda-driver-mismatch": "RuntimeError: Unexpected error from cudaGetDeviceCount(). Error 803: system has unsupported display driver / cuda driver combination",
+    "nccl-shm": "misc/shmutils.cc:72 NCCL WARN Error while creating shared memory segment /dev/shm/nccl-vzIpS6 (size 9637888)",
+    "nccl-p2p": "torch.distributed.DistBackendError: NCCL error in: ../torch/csrc/distributed/c10d/NCCLUtils.hpp:275, unhandled cuda error",
+    "tp-heads-not-divisible": "ValueError: Total number of attention heads (40) must be divisible by tensor parallel size (3).",
+    "quant-tp-misaligned": "ValueError: The input size is not aligned with the quantized weight shape. This can be caused by too large tensor parallel size.",
+    "cuda-oom": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 896.00 MiB. GPU 0 has a total capacity of 39.38 GiB",
+    "gpu-memory-in-use": "ValueError: Free memory on device (21.3/79.1 GiB) on startup is less than desired GPU memory utilization (0.9, 71.2 GiB).",
+    "kv-cache-no-memory": "ValueError: No available memory for the cache blocks. Try increasing `gpu_memory_utilization` when initializing the engine.",
+    "kv-cache-max-model-len": "ValueError: To serve at least one request with the model's max seq len (131072), (20.0 GiB KV cache is needed, which is larger than the available KV cache memory (9.3 GiB).",
+    "max-model-len-exceeds-config": "ValueError: User-specified max_model_len (200000) is greater than the derived max_model_len (max_position_embeddings=131072 or model_max_length=None in model's config.json).",
+    "bf16-unsupported": "ValueError: Bfloat16 is only supported on GPUs with compute capability of at least 8.0. Your Tesla V100-SXM2-32GB GPU has compute capability 7.0.",
+    "missing-tokenizer": "TypeError: not a string",
+    "trust-remote-code-required": "ValueError: Failed to load the model config. If the model is a custom model not yet available in the HuggingFace transformers library, consider setting `trust_remote_code=True` in LLM or using the `--trust-remote-code` flag in the CLI.",
+    "unsupported-architecture": "ValueError: Model architectures ['FooForCausalLM'] are not supported for now. Supported architectures: dict_keys([...])",
+    "transformers-too-old": "ValueError: The checkpoint you are trying to load has model type `qwen3_next` but Transformers does not recognize this architecture.",
+    "port-in-use": "OSError: [Errno 98] Address already in use",
+    "cache-dir-unwritable": "PermissionError: [Errno 13] Permission denied: '/.cache'",
+    "missing-compiler": "RuntimeError: Failed to find C compiler. Please specify via CC environment variable.",
+    "cuda-fork": "RuntimeError: Cannot re-initialize CUDA in forked subprocess. To use CUDA with multiprocessing, you must use the 'spawn' start method",
+    "hf-gated-repo": "huggingface_hub.errors.GatedRepoError: 401 Client Error. Cannot access gated repo for url https://huggingface.co/meta-llama/Llama-3.1-8B/resolve/main/config.json.",
+    "hf-offline": "huggingface_hub.errors.OfflineModeIsEnabled: Cannot reach https://huggingface.co/api/models/x/y: offline mode is enabled.",
+    "engine-ready-timeout": "TimeoutError: Timed out waiting for engine core processes to start. This is often caused by slow weight loading for large models. Waited 600s (configured by VLLM_ENGINE_READY_TIMEOUT_S).",
+    "model-path-not-found": "OSError: Incorrect path_or_model_id: '/models/team-a/gone'. Please provide either the path to a local folder or the repo_id of a model on the Hub.",
+    "chat-template-missing": "ValueError: As of transformers v4.44, default chat template is no longer allowed, so you must provide a chat template if the tokenizer does not define one.",
+}
+
+
+def test_every_rule_has_a_signature_test() -> None:
+    assert {rule.code for rule in RULES} - {"engine-core-failed"} == set(SIGNATURES)
+
+
+@pytest.mark.parametrize(("code", "signature"), SIGNATURES.items(), ids=list(SIGNATURES))
+def test_signature_gives_its_code_first_even_behind_the_wrapper(code: str, signature: str) -> None:
+    log = (
+        PREFIX
+        + "(Worker_TP0 pid=245) ERROR Traceback (most recent call last):\n"
+        + signature
+        + "\n"
+        + WRAPPER
+    )
+    findings = diagnose(log, exit_code=1)
+    assert findings[0].code == code
+    assert findings[0].line_number == 3
+    assert findings[0].remedy
+    assert [finding.code for finding in findings][-1] == "engine-core-failed"
+
+
+def test_healthy_log_with_harmless_warnings_is_none() -> None:
+    findings = diagnose((LOGS / "healthy.log").read_text())
+    assert [finding.code for finding in findings] == ["none"]
+
+
+def test_oom_behind_two_wrappers_is_the_root_cause() -> None:
+    findings = diagnose((LOGS / "oom-wrapped.log").read_text(), exit_code=1)
+    assert [finding.code for finding in findings] == ["cuda-oom", "engine-core-failed"]
+    assert findings[0].line_number == 7
+    assert "Tried to allocate 448.00 MiB" in findings[0].line
+
+
+def test_field_report_lesson_6_is_an_unwritable_cache_not_the_v1_engine() -> None:
+    findings = diagnose((LOGS / "seed-frozen-os.log").read_text(), exit_code=1)
+    assert findings[0].code == "cache-dir-unwritable"
+    assert "writable cache volume" in findings[0].remedy
+    assert "VLLM_USE_V1=0 is not the fix" in findings[0].remedy
+
+
+def test_exit_137_without_a_traceback_is_a_host_oom_kill() -> None:
+    log = (
+        PREFIX
+        + "Loading safetensors checkpoint shards:  43% Completed | 13/30 [00:41<00:54,  3.21s/it]\n"
+    )
+    assert diagnose(log, exit_code=137)[0].code == "host-oom-killed"
+    assert diagnose(log + WRAPPER, exit_code=137)[0].code == "host-oom-killed"
+    assert diagnose(log, exit_code=0)[0].code == "none"
+
+
+def test_an_unknown_error_is_reported_with_its_line_rather_than_hidden() -> None:
+    log = PREFIX + "Traceback (most recent call last):\nKeyError: 'rope_theta'\n" + WRAPPER
+    findings = diagnose(log, exit_code=1)
+    assert (findings[0].code, findings[0].line_number, findings[0].line) == (
+        "unrecognized-error",
+        3,
+        "KeyError: 'rope_theta'",
+    )
+
+
+def test_diagnose_cli_json_shape(tmp_path: Path) -> None:
+    out = StringIO()
+    call_command("diagnose", str(LOGS / "oom-wrapped.log"), "--json", stdout=out)
+    result = json.loads(out.getvalue())
+    assert list(result) == ["findings"]
+    assert list(result["findings"][0]) == ["code", "title", "remedy", "line_number", "line"]
+    assert result["findings"][0]["code"] == "cuda-oom"
+    out = StringIO()
+    call_command("diagnose", str(LOGS / "healthy.log"), "--json", stdout=out)
+    assert [f["code"] for f in json.loads(out.getvalue())["findings"]] == ["none"]
