@@ -1,0 +1,213 @@
+"""The container a deployment runs in, decided in one pure function.
+
+:func:`container_kwargs` turns a :class:`LaunchSpec` (every value already validated and typed)
+into the keyword arguments of ``docker.containers.create``, from a fixed template: no Docker
+option outside it is ever set (no privileged mode, host network, extra devices or capabilities,
+host mounts other than the model directory read-only). :func:`docker_run_argv` renders the very
+same kwargs as the equivalent ``docker run`` line, quoted the way the field report learned the
+hard way (``--gpus '"device=4,5"'``), so a human can reproduce a launch exactly::
+
+    kwargs = container_kwargs(spec)
+    client.containers.create(**kwargs)
+    shlex.join(docker_run_argv(kwargs))
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from docker.types import DeviceRequest, Mount
+
+ENGINE_PORT = 8000  # vLLM's default --port; fixed inside the container
+CACHE_TARGET = "/berth-cache"  # the writable per-deployment volume (field report, lesson 6)
+NANOSECONDS = 10**9
+LABEL_PREFIX = "berth."
+# Kept small so a runaway engine cannot fill the host's disk with logs.
+LOG_CONFIG = {"type": "json-file", "config": {"max-size": "100m", "max-file": "3"}}
+PIDS_LIMIT = 4096  # vLLM with TP=8 runs a few hundred threads; this stops fork bombs only
+RESTART_RETRIES = 2  # Docker restarts a crashed engine this often; Berth detects the loop
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a launch needs, validated by the caller (forms, planner, allocation)."""
+
+    deployment_id: int
+    generation: int
+    team: str
+    image: str  # from the admin allow-list, pinned by digest where known
+    model_host_path: str  # bind-mount source on the GPU host (models_registry translation)
+    model_container_path: str  # where vLLM reads it, read-only
+    served_model_name: str
+    host_port: int
+    bind_ip: str = "127.0.0.1"
+    gpu_device_ids: tuple[str, ...] = ()  # UUIDs (or indices) read from the inventory
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    engine_args: tuple[str, ...] = ()  # further typed flags, already rendered to a list
+    environment: Mapping[str, str] = field(default_factory=dict)  # allow-listed names only
+    shm_size_bytes: int = 8 * 1024**3
+    health_command: tuple[str, ...] = ("curl", "-fsS", f"http://127.0.0.1:{ENGINE_PORT}/health")
+    health_interval_s: int = 10
+    health_timeout_s: int = 5
+    health_retries: int = 3
+    health_start_period_s: int = 600
+    engine_ready_timeout_s: int = 600
+
+    @property
+    def container_name(self) -> str:
+        return container_name(self.deployment_id, self.generation)
+
+    @property
+    def cache_volume(self) -> str:
+        return f"berth-cache-{self.deployment_id}"
+
+
+def container_name(deployment_id: int, generation: int) -> str:
+    """Deterministic, so a retried launch finds the container an earlier attempt created."""
+    return f"berth-{deployment_id}-g{generation}"
+
+
+def engine_command(spec: LaunchSpec) -> list[str]:
+    """vLLM's arguments, as a list (never one string). ``--host``/``--port`` are server-owned."""
+    command = [
+        "--model", spec.model_container_path,
+        "--served-model-name", spec.served_model_name,
+        "--host", "0.0.0.0",  # noqa: S104 - inside the container; the host side binds bind_ip
+        "--port", str(ENGINE_PORT),
+        "--tensor-parallel-size", str(spec.tensor_parallel_size),
+    ]  # fmt: skip
+    if spec.max_model_len is not None:
+        command += ["--max-model-len", str(spec.max_model_len)]
+    if spec.gpu_memory_utilization is not None:
+        command += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+    return command + list(spec.engine_args)
+
+
+def environment(spec: LaunchSpec) -> dict[str, str]:
+    """User variables first, then the server's, which win: caches point at the writable volume
+    and nothing is downloaded (Berth serves local directories)."""
+    return {
+        **spec.environment,
+        "HOME": CACHE_TARGET,
+        "XDG_CACHE_HOME": CACHE_TARGET,
+        "VLLM_CACHE_ROOT": f"{CACHE_TARGET}/vllm",
+        "HF_HOME": f"{CACHE_TARGET}/huggingface",
+        "TRITON_CACHE_DIR": f"{CACHE_TARGET}/triton",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_ENGINE_READY_TIMEOUT_S": str(spec.engine_ready_timeout_s),
+    }
+
+
+def labels(spec: LaunchSpec) -> dict[str, str]:
+    return {
+        f"{LABEL_PREFIX}managed": "true",
+        f"{LABEL_PREFIX}deployment": str(spec.deployment_id),
+        f"{LABEL_PREFIX}generation": str(spec.generation),
+        f"{LABEL_PREFIX}team": spec.team,
+    }
+
+
+def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
+    """The complete keyword arguments for ``client.containers.create`` (see module docstring)."""
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "command": engine_command(spec),
+        "name": spec.container_name,
+        "detach": True,
+        "init": True,
+        "labels": labels(spec),
+        "environment": environment(spec),
+        "mounts": [
+            Mount(
+                target=spec.model_container_path,
+                source=spec.model_host_path,
+                type="bind",
+                read_only=True,
+            ),
+            Mount(target=CACHE_TARGET, source=spec.cache_volume, type="volume"),
+        ],
+        "ports": {f"{ENGINE_PORT}/tcp": (spec.bind_ip, spec.host_port)},
+        "shm_size": spec.shm_size_bytes,
+        "healthcheck": {
+            "test": ["CMD", *spec.health_command],
+            "interval": spec.health_interval_s * NANOSECONDS,
+            "timeout": spec.health_timeout_s * NANOSECONDS,
+            "retries": spec.health_retries,
+            "start_period": spec.health_start_period_s * NANOSECONDS,
+        },
+        "restart_policy": {"Name": "on-failure", "MaximumRetryCount": RESTART_RETRIES},
+        "privileged": False,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "pids_limit": PIDS_LIMIT,
+        "log_config": LOG_CONFIG,
+    }
+    if spec.gpu_device_ids:
+        kwargs["device_requests"] = [
+            DeviceRequest(device_ids=list(spec.gpu_device_ids), capabilities=[["gpu"]])
+        ]
+    return kwargs
+
+
+def docker_run_argv(kwargs: Mapping[str, Any]) -> list[str]:
+    """The ``docker run`` arguments equivalent to ``kwargs`` (as built by :func:`container_kwargs`).
+
+    One difference the CLI forces: ``--health-cmd`` is always shell form, so the exec-form probe
+    is written as one quoted command line.
+    """
+    argv = ["docker", "run", "--detach", "--name", kwargs["name"], "--init"]
+    argv += _pairs("--label", kwargs["labels"])
+    for request in kwargs.get("device_requests", ()):
+        # The value must reach Docker with its inner quotes: '"device=0,1"' (field report lesson 4).
+        argv += ["--gpus", '"device=' + ",".join(request["DeviceIDs"]) + '"']
+    argv += ["--shm-size", str(kwargs["shm_size"])]
+    for mount in kwargs["mounts"]:
+        argv += ["--mount", _mount_flag(mount)]
+    for container_port, (ip, port) in kwargs["ports"].items():
+        argv += ["--publish", f"{ip}:{port}:{container_port.removesuffix('/tcp')}"]
+    argv += _pairs("--env", kwargs["environment"])
+    argv += _health_flags(kwargs["healthcheck"])
+    policy = kwargs["restart_policy"]
+    argv += ["--restart", f"{policy['Name']}:{policy['MaximumRetryCount']}"]
+    argv += [f"--cap-drop={cap}" for cap in kwargs["cap_drop"]]
+    argv += [f"--security-opt={option}" for option in kwargs["security_opt"]]
+    argv += [
+        "--pids-limit",
+        str(kwargs["pids_limit"]),
+        "--log-driver",
+        kwargs["log_config"]["type"],
+    ]
+    argv += [f"--log-opt={key}={value}" for key, value in kwargs["log_config"]["config"].items()]
+    return [*argv, kwargs["image"], *kwargs["command"]]
+
+
+def docker_run_line(kwargs: Mapping[str, Any]) -> str:
+    """:func:`docker_run_argv` as one shell-quoted line, for the deployment page."""
+    return shlex.join(docker_run_argv(kwargs))
+
+
+def _pairs(flag: str, values: Mapping[str, str]) -> list[str]:
+    return [item for key, value in values.items() for item in (flag, f"{key}={value}")]
+
+
+def _mount_flag(mount: Mount) -> str:
+    parts = [f"type={mount['Type']}", f"source={mount['Source']}", f"target={mount['Target']}"]
+    return ",".join([*parts, "readonly"] if mount.get("ReadOnly") else parts)
+
+
+def _health_flags(check: Mapping[str, Any]) -> list[str]:
+    test: Sequence[str] = check["test"]
+    return [
+        "--health-cmd", shlex.join(test[1:]),
+        "--health-interval", f"{check['interval'] // NANOSECONDS}s",
+        "--health-timeout", f"{check['timeout'] // NANOSECONDS}s",
+        "--health-retries", str(check["retries"]),
+        "--health-start-period", f"{check['start_period'] // NANOSECONDS}s",
+    ]  # fmt: skip
