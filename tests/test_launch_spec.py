@@ -45,7 +45,7 @@ def test_container_kwargs_equal_the_golden_template() -> None:
         "image": SPEC.image,
         "command": [
             "--model", "/models/team-a/Llama-3.3-70B-Instruct", "--served-model-name", "llama-70b",
-            "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "4",
+            "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "4",  # noqa: S104
             "--max-model-len", "8192", "--gpu-memory-utilization", "0.9",
         ],
         "name": "berth-12-g3",
