@@ -7,9 +7,9 @@ import contextlib
 import uuid
 from typing import Any
 
-import docker
 import pytest
 
+import docker
 from audit.models import AuditEvent
 from deployments.gc import collect, parse_reclaimed, prune_builder_cache
 
