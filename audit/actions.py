@@ -39,6 +39,8 @@ class Action(models.TextChoices):
     DEPLOYMENT_LAUNCH_REQUESTED = "deployment.launch_requested", "Launch requested"
     DEPLOYMENT_STATE_CHANGED = "deployment.state_changed", "Deployment state changed"
     DEPLOYMENT_STOP_REQUESTED = "deployment.stop_requested", "Stop requested"
+    DEPLOYMENT_RESTART_REQUESTED = "deployment.restart_requested", "Restart requested"
+    DEPLOYMENT_PLAN_OVERRIDDEN = "deployment.plan_overridden", "Plan overridden by an admin"
     GC_RAN = "gc.ran", "Garbage collection ran"
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
+from django.conf import settings
 from django.db import close_old_connections, transaction
+from redis import Redis
 from rq import Queue
 from rq.job import Job
 
@@ -32,6 +35,23 @@ class ContextJob(Job):
                 return super().perform()
         finally:
             close_old_connections()
+
+
+@cache
+def redis_connection() -> Redis:
+    """One client per process (it pools connections itself)."""
+    return Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+
+
+def get_queue(name: str) -> Queue:
+    """Any named queue on Berth's Redis with :class:`ContextJob` — host queues (``host:<name>``)
+    are made at run time, which django-rq's configured queues cannot express."""
+    return Queue(
+        name,
+        connection=redis_connection(),
+        job_class=ContextJob,
+        default_timeout=settings.RQ_QUEUES["default"]["DEFAULT_TIMEOUT"],
+    )
 
 
 def enqueue(

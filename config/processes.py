@@ -164,14 +164,3 @@ def child_environment(**overrides: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env
-
-
-def run_program(argv: Sequence[str], *, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    """Run a program to completion and capture its output (``nvidia-smi`` for the GPU
-    inventory). Exec-style with an absolute executable; a timeout raises
-    ``subprocess.TimeoutExpired`` after killing the child."""
-    if not Path(argv[0]).is_absolute():
-        raise ValueError(f"executable must be an absolute path, got {argv[0]!r}")
-    return subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout_s, check=False
-    )

@@ -9,6 +9,7 @@ The README's configuration table lists every variable read here.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from django.utils.csp import CSP
 from config.env import (
     env_bool,
     env_choice,
+    env_float,
     env_int,
     env_list,
     env_secret,
@@ -288,3 +290,23 @@ BERTH_GPU_PROBE_IMAGE = env_str("BERTH_GPU_PROBE_IMAGE", "ubuntu:24.04")
 BERTH_GPU_PROBE_TIMEOUT_S = env_int("BERTH_GPU_PROBE_TIMEOUT_S", default=60, minimum=5)
 # The name berth_up registers the machine it runs on under (default: this host's name).
 BERTH_LOCAL_HOST_NAME = env_str("BERTH_LOCAL_HOST_NAME", "")
+# berth_up runs the GPU agent for this machine (set 0 on a console host without GPUs).
+BERTH_LOCAL_AGENT = env_bool("BERTH_LOCAL_AGENT", default=True)
+
+# --- Deployments -----------------------------------------------------------------------------
+# Host ports engines are published on (one per live deployment per host) and the address they
+# bind: 127.0.0.1 keeps vLLM's unauthenticated routes off the network unless a proxy fronts it.
+BERTH_ENGINE_PORT_MIN = env_int("BERTH_ENGINE_PORT_MIN", 30000, minimum=1024, maximum=65535)
+BERTH_ENGINE_PORT_MAX = env_int("BERTH_ENGINE_PORT_MAX", 30999, minimum=1024, maximum=65535)
+BERTH_ENGINE_BIND = env_str("BERTH_ENGINE_BIND", "127.0.0.1")
+# How often the watcher job looks at a loading or serving engine (seconds; the target is that
+# Berth says "ready" within 2 s of the engine answering).
+BERTH_MONITOR_INTERVAL_S = env_float("BERTH_MONITOR_INTERVAL_S", 1.0, minimum=0.2, maximum=60)
+# Names this console's containers, volumes and labels, so two consoles (or two test runs) can
+# share one Docker engine without touching each other's engines.
+BERTH_INSTANCE = env_str("BERTH_INSTANCE", "berth")
+if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", BERTH_INSTANCE):
+    raise ImproperlyConfigured(
+        f"BERTH_INSTANCE={BERTH_INSTANCE!r}: use 1-20 lowercase letters, digits and hyphens"
+    )
+BERTH_STOP_TIMEOUT_S = env_int("BERTH_STOP_TIMEOUT_S", 30, minimum=1, maximum=600)

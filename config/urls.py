@@ -4,11 +4,6 @@ from django.urls import include, path
 
 from config import views
 
-SECTIONS = {
-    "gpus": ("GPUs", "GPU hosts and the live inventory of every GPU"),
-    "deployments": ("Deployments", "Deployments of models onto GPUs"),
-}
-
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("healthz", views.healthz, name="healthz"),
@@ -20,16 +15,9 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("teams/", include("accounts.urls")),
     path("audit/", include("audit.urls")),
+    path("gpus/", include("gpus.urls")),
     path("models/", include("models_registry.urls")),
-    *(
-        path(
-            f"{prefix}/",
-            views.pending_section,
-            {"title": title, "subject": subject},
-            name=f"{prefix}-index",
-        )
-        for prefix, (title, subject) in SECTIONS.items()
-    ),
+    path("deployments/", include("deployments.urls")),
     path("admin/", admin.site.urls),
 ]
 

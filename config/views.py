@@ -1,4 +1,4 @@
-"""Console-wide pages: the dashboard, sections not yet built, and the liveness probe."""
+"""Console-wide pages: the dashboard and the liveness probe."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 from redis.exceptions import RedisError
 
-from accounts.access import role_required, visible_teams
-from accounts.models import Role
+from accounts.access import visible_teams
 from audit.models import AuditEvent
 from config.queues import redis_connection
 
@@ -23,13 +22,6 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     if user.is_auditor or user.is_admin:
         context["recent_events"] = AuditEvent.objects.order_by("-seq")[:RECENT_EVENTS]
     return render(request, "dashboard.html", context)
-
-
-@role_required(Role.MEMBER)
-def pending_section(request: HttpRequest, title: str, subject: str) -> HttpResponse:
-    """A navigation section whose feature is not in this build: says so plainly, shows nothing
-    simulated."""
-    return render(request, "pending_section.html", {"title": title, "subject": subject})
 
 
 @login_not_required

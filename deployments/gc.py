@@ -19,12 +19,13 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from django.conf import settings
+
 import audit
 from audit.actions import Action, Outcome
 
 BUILDER_PRUNE_TIMEOUT_S = 300
 DEFAULT_BUILDER_AGE_HOURS = 24
-MANAGED_LABEL = "berth.managed=true"
 _UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
 _RECLAIMED = re.compile(r"Total(?: reclaimed space)?:\s*([0-9.]+)\s*([kKMGT]?i?B)")
@@ -100,12 +101,16 @@ def prune_builder_cache(older_than_hours: int = DEFAULT_BUILDER_AGE_HOURS) -> in
     return parse_reclaimed(completed.stdout)
 
 
-def remove_exited_containers(client: Any, live_deployments: Collection[str]) -> list[str]:
-    """Remove stopped Berth containers, except those of live deployments; returns their names."""
+def remove_exited_containers(
+    client: Any, live_deployments: Collection[str], instance: str = "berth"
+) -> list[str]:
+    """Remove this console's stopped containers, except those of live deployments; returns
+    their names. Containers of another Berth instance on the same engine are not touched."""
     removed = []
     for status in ("exited", "dead", "created"):
+        label = f"berth.instance={instance}"
         for container in client.containers.list(
-            all=True, filters={"label": MANAGED_LABEL, "status": status}
+            all=True, filters={"label": label, "status": status}
         ):
             if container.labels.get("berth.deployment") in live_deployments:
                 continue
@@ -137,7 +142,9 @@ def collect(
     except GcError as exc:
         result.errors.append(str(exc))
     try:
-        result.containers_removed = remove_exited_containers(client, set(live_deployments))
+        result.containers_removed = remove_exited_containers(
+            client, set(live_deployments), settings.BERTH_INSTANCE
+        )
         result.images_removed, result.image_bytes = remove_dangling_images(client)
     except Exception as exc:  # the Docker SDK raises several unrelated types (API, connection)
         result.errors.append(f"{type(exc).__name__}: {exc}"[:500])

@@ -57,19 +57,20 @@ class LaunchSpec:
     health_retries: int = 3
     health_start_period_s: int = 600
     engine_ready_timeout_s: int = 600
+    instance: str = "berth"  # BERTH_INSTANCE: keeps two consoles on one engine apart
 
     @property
     def container_name(self) -> str:
-        return container_name(self.deployment_id, self.generation)
+        return container_name(self.deployment_id, self.generation, self.instance)
 
     @property
     def cache_volume(self) -> str:
-        return f"berth-cache-{self.deployment_id}"
+        return f"{self.instance}-cache-{self.deployment_id}"
 
 
-def container_name(deployment_id: int, generation: int) -> str:
+def container_name(deployment_id: int, generation: int, instance: str = "berth") -> str:
     """Deterministic, so a retried launch finds the container an earlier attempt created."""
-    return f"berth-{deployment_id}-g{generation}"
+    return f"{instance}-{deployment_id}-g{generation}"
 
 
 def engine_command(spec: LaunchSpec) -> list[str]:
@@ -108,6 +109,7 @@ def environment(spec: LaunchSpec) -> dict[str, str]:
 def labels(spec: LaunchSpec) -> dict[str, str]:
     return {
         f"{LABEL_PREFIX}managed": "true",
+        f"{LABEL_PREFIX}instance": spec.instance,
         f"{LABEL_PREFIX}deployment": str(spec.deployment_id),
         f"{LABEL_PREFIX}generation": str(spec.generation),
         f"{LABEL_PREFIX}team": spec.team,

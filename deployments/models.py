@@ -1,1 +1,255 @@
-"""Models of the deployments app."""
+"""Deployments, their timeline, the engine image allow-list and GPU allocations.
+
+The database guards what must never break: one active allocation per GPU (a partial unique
+constraint, on SQLite and PostgreSQL), and a deployment's state only moves along the lifecycle
+in ``deployments.states`` through :meth:`Deployment.transition` — a conditional update checked
+by row count, so two writers cannot both win.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+import audit
+from accounts.access import TeamOwnedQuerySet
+from accounts.models import Team, slug_validator
+from audit.actions import Action
+from deployments.states import ACTIVE, State, check_transition
+from deployments.stream import publish
+
+# repository[:tag][@sha256:<64 hex>] — no shell metacharacters can pass.
+IMAGE_REFERENCE = re.compile(
+    r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
+MAX_IMAGE_ENV_VALUE = 1024
+ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+PROBE_ARGUMENT = re.compile(r"^[A-Za-z0-9_./:=-]{1,200}$")
+
+
+class EngineImage(models.Model):
+    """An engine image admins allow (vLLM, or the labelled stand-in for tests and demos)."""
+
+    name = models.CharField(max_length=64, unique=True, validators=[slug_validator])
+    reference = models.CharField(
+        max_length=300, help_text="repository:tag, pinned @sha256:… where known"
+    )
+    description = models.CharField(max_length=200, blank=True)
+    gpu_capable = models.BooleanField(default=True)
+    cpu_capable = models.BooleanField(default=False, help_text="May run with 0 GPUs")
+    is_stand_in = models.BooleanField(
+        default=False, help_text="Not vLLM: a test engine; shown as such"
+    )
+    health_command = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Exec-form probe, e.g. ["curl", "-fsS", "http://127.0.0.1:8000/health"]',
+    )
+    environment = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Variables every container of this image gets (admin-owned, not allow-listed)",
+    )
+    enabled = models.BooleanField(default=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reference})"
+
+    def clean(self) -> None:
+        errors = {}
+        if not IMAGE_REFERENCE.match(self.reference or ""):
+            errors["reference"] = (
+                "write repository[:tag][@sha256:<64 hex digits>], e.g. vllm/vllm-openai:v0.11.0"
+            )
+        probe = self.health_command or []
+        if not (
+            isinstance(probe, list)
+            and all(isinstance(a, str) and PROBE_ARGUMENT.match(a) for a in probe)
+        ):
+            errors["health_command"] = (
+                "a JSON list of plain arguments (exec form; no shell, no spaces in one argument)"
+            )
+        variables = self.environment or {}
+        if not isinstance(variables, dict) or not all(
+            isinstance(k, str)
+            and ENV_NAME.match(k)
+            and isinstance(v, str)
+            and v.isprintable()
+            and len(v) <= 1024
+            for k, v in variables.items()
+        ):
+            errors["environment"] = (
+                'a JSON object of NAME: "value" pairs (upper-case names, printable values)'
+            )
+        if not (self.gpu_capable or self.cpu_capable):
+            errors["cpu_capable"] = "an image must run with GPUs, without them, or both"
+        if errors:
+            raise ValidationError(errors)
+
+
+class DeploymentQuerySet(TeamOwnedQuerySet):
+    def active(self) -> DeploymentQuerySet:
+        return self.filter(state__in=ACTIVE)
+
+
+class Deployment(models.Model):
+    """A model served by an engine container on one host, owned by a team."""
+
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    name = models.CharField(max_length=64, validators=[slug_validator])
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="deployments")
+    model = models.ForeignKey(
+        "models_registry.Model", on_delete=models.PROTECT, related_name="deployments"
+    )
+    host = models.ForeignKey("gpus.Host", on_delete=models.PROTECT, related_name="deployments")
+    image = models.ForeignKey(EngineImage, on_delete=models.PROTECT, related_name="deployments")
+    gpu_count = models.PositiveSmallIntegerField()
+    tensor_parallel_size = models.PositiveSmallIntegerField(default=1)
+    engine_args = models.JSONField(default=dict, blank=True)
+    environment = models.JSONField(default=dict, blank=True)
+    plan = models.JSONField(default=dict, blank=True)
+    host_port = models.PositiveIntegerField(null=True, blank=True)
+    state = models.CharField(
+        max_length=12, choices=State.choices, default=State.PENDING, db_index=True
+    )
+    generation = models.PositiveIntegerField(default=1)
+    container_id = models.CharField(max_length=80, blank=True)
+    health_start_period_s = models.PositiveIntegerField(default=600)
+    stall_timeout_s = models.PositiveIntegerField(default=600)
+    engine_ready_timeout_s = models.PositiveIntegerField(default=600)
+    last_error = models.TextField(blank=True)
+    diagnosis = models.JSONField(default=list, blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    updated = models.DateTimeField(auto_now=True)
+    last_progress_at = models.DateTimeField(null=True, blank=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    # The watcher's place in the container log (Unix time of the last line read), the last
+    # lines themselves for the page, and the restart count it saw last.
+    logs_read_until = models.FloatField(default=0)
+    log_tail = models.JSONField(default=list, blank=True)
+    restart_count = models.PositiveIntegerField(default=0)
+
+    objects = DeploymentQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["host", "host_port"],
+                condition=Q(state__in=sorted(ACTIVE), host_port__isnull=False),
+                name="deployment_active_port_unique",
+            ),
+            models.UniqueConstraint(
+                fields=["team", "name"],
+                condition=Q(state__in=sorted(ACTIVE)),
+                name="deployment_active_name_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team.slug}/{self.name}"
+
+    @property
+    def container_name(self) -> str:
+        from deployments.launch_spec import container_name
+
+        return container_name(self.pk, self.generation, settings.BERTH_INSTANCE)
+
+    def transition(self, new: State, *, message: str = "", **data: Any) -> bool:
+        """Move to ``new`` if the lifecycle allows it and nobody moved first (conditional update on
+        state and generation). Writes the event and the audit record in the same transaction.
+        Returns False when another writer got there first."""
+        old = State(self.state)
+        check_transition(old, new)
+        with transaction.atomic():
+            changed = Deployment.objects.filter(
+                pk=self.pk, state=old, generation=self.generation
+            ).update(state=new, updated=timezone.now())
+            if not changed:
+                return False
+            self.state = new
+            DeploymentEvent.objects.create(
+                deployment=self,
+                generation=self.generation,
+                kind=EventKind.STATE,
+                state=new,
+                message=message or f"{old} → {new}",
+                data=data,
+            )
+            audit.record(
+                Action.DEPLOYMENT_STATE_CHANGED,
+                target=self,
+                old=str(old),
+                new=str(new),
+                message=message,
+                generation=self.generation,
+                **data,
+            )
+            publish(self.pk, "state")
+        return True
+
+
+class EventKind(models.TextChoices):
+    STATE = "state", "State"
+    HEALTH = "health", "Health"
+    PROGRESS = "progress", "Progress"
+    LOG = "log", "Log"
+    DIAGNOSIS = "diagnosis", "Diagnosis"
+    INFO = "info", "Info"
+
+
+class DeploymentEvent(models.Model):
+    """One entry of a deployment's timeline."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="events")
+    generation = models.PositiveIntegerField()
+    time = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=10, choices=EventKind.choices)
+    state = models.CharField(max_length=12, choices=State.choices, blank=True)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["time", "id"]
+        indexes = [models.Index(fields=["deployment", "time"], name="deployment_event_time_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} {self.kind}: {self.message[:60]}"
+
+
+class GpuAllocation(models.Model):
+    """A GPU held by a deployment generation. At most one *active* allocation per GPU: the
+    database refuses a second one, whatever the application code does."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="allocations")
+    gpu = models.ForeignKey("gpus.Gpu", on_delete=models.PROTECT, related_name="allocations")
+    generation = models.PositiveIntegerField()
+    active = models.BooleanField(default=True)
+    created = models.DateTimeField(auto_now_add=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["gpu"], condition=Q(active=True), name="one_active_allocation_per_gpu"
+            )
+        ]
+
+    def __str__(self) -> str:
+        held = "" if self.active else ", released"
+        return f"{self.gpu} → {self.deployment} (g{self.generation}{held})"

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -47,6 +48,13 @@ def _test_redis_url(url: str) -> str:
 TEST_REDIS_URL = _test_redis_url(settings.REDIS_URL)
 settings.REDIS_URL = TEST_REDIS_URL
 settings.RQ_QUEUES["default"]["URL"] = TEST_REDIS_URL
+# Containers and volumes of this test process are named and labelled apart from every other
+# run (and from a console on the same engine): parallel workers reuse the same primary keys.
+TEST_INSTANCE = "t" + uuid.uuid4().hex[:8]
+settings.BERTH_INSTANCE = TEST_INSTANCE
+# ...and publish engines on a port range of their own.
+settings.BERTH_ENGINE_PORT_MIN = 31000 + uuid.uuid4().int % 300 * 100
+settings.BERTH_ENGINE_PORT_MAX = settings.BERTH_ENGINE_PORT_MIN + 99
 
 
 def service_missing(reason: str) -> None:
@@ -188,6 +196,9 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     env = clean_environ()
     env["DATABASE_URL"] = database_url_of_test_db()
     env["REDIS_URL"] = TEST_REDIS_URL
+    env["BERTH_INSTANCE"] = TEST_INSTANCE
+    env["BERTH_ENGINE_PORT_MIN"] = str(settings.BERTH_ENGINE_PORT_MIN)
+    env["BERTH_ENGINE_PORT_MAX"] = str(settings.BERTH_ENGINE_PORT_MAX)
     env["BERTH_VAR_DIR"] = str(settings.VAR_DIR)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
@@ -260,15 +271,19 @@ def busybox_image(docker_client: Any) -> str:
 
     Tagged by the content hash of its inputs, so it is built once per machine and reused.
     """
+    if not BUSYBOX.exists():
+        service_missing(f"{BUSYBOX} is missing (apt-get install busybox-static)")
+    return build_busybox_image(docker_client)
+
+
+def build_busybox_image(client: Any) -> str:
     import hashlib
     import io
     import tarfile
 
-    if not BUSYBOX.exists():
-        service_missing(f"{BUSYBOX} is missing (apt-get install busybox-static)")
     binary = BUSYBOX.read_bytes()
     tag = "berth-test/busybox:" + hashlib.sha256(BUSYBOX_DOCKERFILE + binary).hexdigest()[:12]
-    if docker_client.images.list(name=tag):
+    if client.images.list(name=tag):
         return tag
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as archive:
@@ -280,8 +295,25 @@ def busybox_image(docker_client: Any) -> str:
             info.size, info.mode = len(data), mode
             archive.addfile(info, io.BytesIO(data))
     context.seek(0)
-    docker_client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)
+    client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)
     return tag
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the controlling process (not in xdist workers), build the local test images once
+    before the workers start: workers then never build concurrently, and a garbage-collection
+    test pruning dangling images can never race a build."""
+    if hasattr(config, "workerinput") or _docker_problem() is not None or not BUSYBOX.exists():
+        return
+    import docker
+    from tests.engine_image import build_engine_image
+
+    client = docker.from_env(timeout=120)
+    try:
+        build_busybox_image(client)
+        build_engine_image(client)
+    finally:
+        client.close()
 
 
 ARTIFACTS = BASE_DIR / "artifacts"
@@ -361,3 +393,6 @@ def browser_login(page: Any, username: str, password: str = PASSWORD) -> None:
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in").click()
+
+
+from tests.engine_image import engine_image  # noqa: E402, F401  (the stand-in vLLM image)

@@ -19,8 +19,9 @@ def test_gpu_device_requests_fail_on_a_machine_without_the_nvidia_runtime(
     docker_client: Any, busybox_image: str
 ) -> None:
     """The real error a GPU request gets here; the launcher must turn it into a clear message."""
-    import docker
     from docker.types import DeviceRequest
+
+    import docker
 
     name = f"berth-test-gpu-{uuid.uuid4().hex[:8]}"
     with pytest.raises(docker.errors.APIError, match="could not select device driver"):

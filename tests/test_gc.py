@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 import docker
 from audit.models import AuditEvent
@@ -46,7 +47,7 @@ def test_collect_removes_stopped_berth_containers_but_not_live_ones(
     docker_client: Any, busybox_image: str
 ) -> None:
     tag = uuid.uuid4().hex[:8]
-    labels = {"berth.managed": "true"}
+    labels = {"berth.managed": "true", "berth.instance": settings.BERTH_INSTANCE}
     dead = docker_client.containers.create(
         busybox_image,
         ["true"],
@@ -58,6 +59,12 @@ def test_collect_removes_stopped_berth_containers_but_not_live_ones(
         ["true"],
         name=f"berth-test-gc-live-{tag}",
         labels={**labels, "berth.deployment": f"live-{tag}"},
+    )
+    other_console = docker_client.containers.create(
+        busybox_image,
+        ["true"],
+        name=f"berth-test-gc-other-{tag}",
+        labels={"berth.managed": "true", "berth.instance": "someone-else", "berth.deployment": "1"},
     )
     foreign = docker_client.containers.create(
         busybox_image, ["true"], name=f"berth-test-gc-foreign-{tag}"
@@ -77,6 +84,6 @@ def test_collect_removes_stopped_berth_containers_but_not_live_ones(
         assert dead.name in event.payload["containers_removed"]
         assert event.payload["bytes_reclaimed"] == result.bytes_reclaimed
     finally:
-        for container in (dead, live, foreign):
+        for container in (dead, live, foreign, other_console):
             with contextlib.suppress(docker.errors.NotFound):  # the collector removed it
                 container.remove(force=True)

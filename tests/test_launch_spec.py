@@ -51,7 +51,7 @@ def test_container_kwargs_equal_the_golden_template() -> None:
         "name": "berth-12-g3",
         "detach": True,
         "init": True,
-        "labels": {"berth.managed": "true", "berth.deployment": "12", "berth.generation": "3", "berth.team": "team-a"},
+        "labels": {"berth.managed": "true", "berth.instance": "berth", "berth.deployment": "12", "berth.generation": "3", "berth.team": "team-a"},
         "environment": {
             "VLLM_LOGGING_LEVEL": "INFO", "HOME": "/berth-cache", "XDG_CACHE_HOME": "/berth-cache",
             "VLLM_CACHE_ROOT": "/berth-cache/vllm", "HF_HOME": "/berth-cache/huggingface",

@@ -1,8 +1,9 @@
 """``manage.py berth_up``: the embedded console in one command (``make run`` calls it).
 
 Ensures Redis (starting a local redis-server when REDIS_URL is unreachable and one is
-installed), migrates, creates the first admin account, then runs an RQ worker with the
-scheduler and the ASGI web server until Ctrl-C, which stops all of them.
+installed), migrates, creates the first admin account, registers this machine as a GPU host on
+the first run, then runs an RQ worker with the scheduler, this machine's GPU agent
+(``berth_agent``) and the ASGI web server until Ctrl-C, which stops all of them.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ class Command(BaseCommand):
             env=env,
             cwd=base_dir,
         )
+        agent_host = self._local_gpu_host()
+        agent = None
+        if agent_host is not None:
+            agent = supervisor.start(
+                "agent",
+                [sys.executable, manage, "berth_agent", "--host", agent_host],
+                env=env,
+                cwd=base_dir,
+            )
         web = supervisor.start(
             "web",
             [
@@ -114,10 +124,29 @@ class Command(BaseCommand):
             f"  web pid {web.process.pid}, worker pid {worker.process.pid} "
             f"(queue '{DEFAULT_QUEUE}', with scheduler)"
         )
+        if agent is not None:
+            self.stdout.write(
+                f"  agent pid {agent.process.pid} (GPU inventory of host '{agent_host}', "
+                f"queue 'host:{agent_host}')"
+            )
         self.stdout.write("  Press Ctrl-C to stop.")
         self.stdout.flush()
         wait_until(lambda: supervisor.first_exited() is not None, float("inf"))
         supervisor.failed = supervisor.first_exited().name
+
+    def _local_gpu_host(self) -> str | None:
+        """The host this machine's agent collects for: registered on the first run (no hosts
+        yet); None when BERTH_LOCAL_AGENT is off or this machine is not a registered host."""
+        from gpus.hosts import local_host_name, register_host
+        from gpus.models import Host
+
+        if not settings.BERTH_LOCAL_AGENT:
+            return None
+        name = local_host_name()
+        if not Host.objects.exists():
+            register_host(name)
+            self.stdout.write(f"Registered this machine as GPU host '{name}'.")
+        return name if Host.objects.filter(name=name).exists() else None
 
     def _ensure_redis(self, supervisor: Supervisor, base_dir: Path) -> None:
         url = settings.REDIS_URL

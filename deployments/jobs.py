@@ -1,0 +1,59 @@
+"""RQ entry points for deployments: load by primary key, call the launcher, return.
+
+Jobs run on the deployment host's queue (``host:<name>``), where that host's agent works; the
+watcher re-books itself every ``BERTH_MONITOR_INTERVAL_S`` under one job id per generation, so a
+duplicate cannot fork the chain.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from rq import get_current_job
+
+from audit.jobs import get_queue
+from deployments import launcher
+from deployments.models import Deployment
+from deployments.states import State
+
+
+def launch_job(deployment_pk: int, generation: int) -> str:
+    deployment = Deployment.objects.select_related("host", "model__mount", "team", "image").get(
+        pk=deployment_pk
+    )
+    result = launcher.launch(deployment, generation)
+    if deployment.state == State.LOADING:
+        book_watch(deployment, delay_s=0)
+    return result
+
+
+def watch_job(deployment_pk: int, generation: int) -> bool:
+    deployment = Deployment.objects.select_related("host", "model__mount", "team", "image").get(
+        pk=deployment_pk
+    )
+    again = launcher.watch(deployment, generation)
+    if again:
+        book_watch(deployment)
+    return again
+
+
+def stop_job(deployment_pk: int, generation: int) -> str:
+    deployment = Deployment.objects.select_related("host").get(pk=deployment_pk)
+    return launcher.stop(deployment, generation)
+
+
+def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:
+    """Schedule the next look at the engine on the same queue."""
+    job = get_current_job()
+    queue = get_queue(job.origin) if job is not None else get_queue(deployment.host.queue_name)
+    delay = settings.BERTH_MONITOR_INTERVAL_S if delay_s is None else delay_s
+    queue.enqueue_in(
+        timedelta(seconds=delay),
+        "deployments.jobs.watch_job",
+        deployment.pk,
+        deployment.generation,
+        job_id=f"watch-{deployment.pk}-{deployment.generation}",
+        meta=dict(job.meta) if job is not None else {},
+        job_timeout=120,
+    )

@@ -1,0 +1,461 @@
+"""Launching, watching and stopping engine containers (the I/O edge: Docker SDK and HTTP).
+
+Each function takes a deployment and the generation it was asked for, so a job that runs late
+or twice is harmless: a stale generation does nothing, and a second launch of the same
+generation adopts the container the first one created (the name is deterministic). On any
+failure the container this launch created is removed, the GPUs are released and the error is
+stored with its diagnosis — nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+import docker
+from deployments import allocation
+from deployments.diagnostics import Finding, diagnose
+from deployments.launch_spec import LaunchSpec, container_kwargs
+from deployments.models import Deployment, DeploymentEvent, EventKind
+from deployments.states import State
+from deployments.stream import publish
+from models_registry.inspection import inspect_directory
+
+LOG_TAIL_LINES = 200
+RESTART_LOOP = 2  # Docker restarted the engine this often: it will not come up by itself
+HEALTH_TIMEOUT_S = 2.0
+MILESTONES = (
+    (
+        re.compile(r"Loading safetensors checkpoint shards:\s+(\d+)% Completed"),
+        "loading weights: {0}%",
+    ),
+    (re.compile(r"Loading weights took ([0-9.]+) seconds"), "weights loaded in {0} s"),
+    (re.compile(r"Model loading took ([0-9.]+) GiB"), "model uses {0} GiB per GPU"),
+    (re.compile(r"Available KV cache memory: ([0-9.]+) GiB"), "KV cache: {0} GiB"),
+    (re.compile(r"GPU KV cache size: ([0-9,]+) tokens"), "KV cache holds {0} tokens"),
+    (re.compile(r"Capturing CUDA graphs|Graph capturing finished"), "capturing CUDA graphs"),
+    (re.compile(r"torch\.compile takes ([0-9.]+) s in total"), "torch.compile took {0} s"),
+    (re.compile(r"Application startup complete"), "server started"),
+)
+
+
+class LaunchFailure(Exception):
+    """A launch step failed; ``findings`` says why and how to fix it."""
+
+    def __init__(self, message: str, findings: Sequence[Finding] = ()):
+        super().__init__(message)
+        self.findings = list(findings)
+
+
+@dataclass(frozen=True)
+class Health:
+    state: str  # "healthy", "refused" (loading), "unhealthy"
+    detail: str = ""
+
+
+def docker_client(deployment: Deployment) -> docker.DockerClient:
+    endpoint = deployment.host.docker_endpoint
+    if endpoint:
+        return docker.DockerClient(base_url=endpoint, timeout=60)
+    return docker.from_env(timeout=60)
+
+
+# --- launch ---------------------------------------------------------------------------------
+
+
+def launch(deployment: Deployment, generation: int, *, gpus: Sequence[Any] = ()) -> str:
+    """Create (or adopt) and start the container; ``loading`` on success, ``failed`` with a
+    diagnosis otherwise. Returns what happened, for the job's result."""
+    if deployment.generation != generation:
+        return "stale generation: nothing to do"
+    if deployment.state == State.QUEUED and not deployment.transition(State.LAUNCHING):
+        deployment.refresh_from_db()
+    if deployment.state != State.LAUNCHING:
+        return f"deployment is {deployment.state}: nothing to do"
+    client = docker_client(deployment)
+    spec = None
+    try:
+        _check_model_on_host(deployment)
+        held = _hold_gpus(deployment, gpus)
+        spec = build_spec(deployment, held, _port(deployment))
+        container = _create_or_adopt(client, spec)
+    except LaunchFailure as exc:
+        _fail_launch(deployment, client, spec, exc)
+        return f"failed: {exc}"
+    with transaction.atomic():
+        Deployment.objects.filter(pk=deployment.pk).update(
+            container_id=container.id, last_progress_at=timezone.now()
+        )
+        deployment.container_id = container.id
+        deployment.transition(
+            State.LOADING,
+            message=f"container {spec.container_name} started",
+            container=container.id,
+        )
+    return "loading"
+
+
+def _check_model_on_host(deployment: Deployment) -> None:
+    """Inspect the model again where this host reads it, right before the launch."""
+    where = deployment.model.translation()
+    report = inspect_directory(
+        Path(where.local),
+        storage_root=Path(deployment.model.mount.local_path),
+        display_path=where.canonical,
+    )
+    errors = [finding for finding in report.findings if finding.severity == "error"]
+    if errors:
+        findings = [Finding(f.code, f.message, f.remedy, None, "") for f in errors]
+        raise LaunchFailure(
+            f"the model at {where.canonical} is not deployable on this host: {errors[0].message}",
+            findings,
+        )
+
+
+def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
+    """The GPUs of this generation: those already held (a retried job), or reserve ``gpus``."""
+    held = [
+        a.gpu
+        for a in deployment.allocations.filter(
+            active=True, generation=deployment.generation
+        ).select_related("gpu")
+    ]
+    if held or deployment.gpu_count == 0:
+        return sorted(held, key=lambda gpu: gpu.index)
+    if not gpus:
+        from deployments.placement import choose_gpus
+
+        gpus, why_not = choose_gpus(deployment)
+        if not gpus:
+            raise LaunchFailure(f"no suitable GPUs on {deployment.host.name}: {why_not}")
+    if len(gpus) != deployment.gpu_count:
+        raise LaunchFailure(f"{deployment.gpu_count} GPUs are needed but {len(gpus)} were selected")
+    try:
+        allocation.reserve(deployment, gpus)
+    except allocation.AllocationConflict as exc:
+        raise LaunchFailure(str(exc)) from None
+    return sorted(gpus, key=lambda gpu: gpu.index)
+
+
+def _port(deployment: Deployment) -> int:
+    """The deployment's host port: kept across retries, else the lowest free one in the range."""
+    if deployment.host_port:
+        return deployment.host_port
+    used = set(
+        Deployment.objects.active()
+        .filter(host=deployment.host)
+        .exclude(pk=deployment.pk)
+        .values_list("host_port", flat=True)
+    )
+    for port in range(settings.BERTH_ENGINE_PORT_MIN, settings.BERTH_ENGINE_PORT_MAX + 1):
+        if port not in used:
+            Deployment.objects.filter(pk=deployment.pk).update(host_port=port)
+            deployment.host_port = port
+            return port
+    raise LaunchFailure(
+        f"no free engine port left on {deployment.host.name} "
+        f"({settings.BERTH_ENGINE_PORT_MIN}-{settings.BERTH_ENGINE_PORT_MAX})"
+    )
+
+
+def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> LaunchSpec:
+    """The launch spec from the deployment's validated fields and its plan."""
+    from deployments.engine_args import parse_engine_args, parse_environment
+
+    where = deployment.model.translation()
+    args = parse_engine_args(deployment.engine_args, trust_remote_code_allowed=False)
+    max_model_len = args.max_model_len or deployment.plan.get("max_model_len")
+    utilization = args.gpu_memory_utilization or deployment.plan.get("gpu_memory_utilization")
+    extra = _drop_values(args.as_argv(), ("--max-model-len", "--gpu-memory-utilization"))
+    return LaunchSpec(
+        deployment_id=deployment.pk,
+        generation=deployment.generation,
+        team=deployment.team.slug,
+        image=deployment.image.reference,
+        model_host_path=where.host,
+        model_container_path=where.container,
+        served_model_name=deployment.name,
+        host_port=port,
+        bind_ip=settings.BERTH_ENGINE_BIND,
+        gpu_device_ids=tuple(gpu.uuid or str(gpu.index) for gpu in gpus),
+        tensor_parallel_size=deployment.tensor_parallel_size,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=utilization,
+        engine_args=tuple(extra),
+        environment={**deployment.image.environment, **parse_environment(deployment.environment)},
+        health_command=tuple(deployment.image.health_command) or LaunchSpec.health_command,
+        health_start_period_s=deployment.health_start_period_s,
+        engine_ready_timeout_s=deployment.engine_ready_timeout_s,
+        instance=settings.BERTH_INSTANCE,
+    )
+
+
+def _drop_values(argv: list[str], flags: Sequence[str]) -> list[str]:
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in flags:
+            skip = True
+        else:
+            kept.append(token)
+    return kept
+
+
+def _create_or_adopt(client: docker.DockerClient, spec: LaunchSpec) -> Any:
+    """Start the generation's container, creating it unless a previous attempt already did."""
+    try:
+        try:
+            container = client.containers.get(spec.container_name)
+        except docker.errors.NotFound:
+            container = client.containers.create(**container_kwargs(spec))
+        if container.status not in ("running", "restarting"):
+            container.start()
+        container.reload()
+    except docker.errors.ImageNotFound:
+        raise LaunchFailure(
+            f"the image {spec.image} is not on this host; pull it there first "
+            f"(docker pull {spec.image}) or fix the allow-list entry"
+        ) from None
+    except docker.errors.APIError as exc:
+        raise _docker_failure(exc, spec) from None
+    return container
+
+
+def _docker_failure(exc: docker.errors.APIError, spec: LaunchSpec) -> LaunchFailure:
+    message = str(getattr(exc, "explanation", "") or exc)
+    findings = [f for f in diagnose(message) if f.code not in ("none", "unrecognized-error")]
+    if findings and findings[0].code == "no-nvidia-runtime":
+        return LaunchFailure(
+            "this host has no NVIDIA container runtime, so Docker cannot give the container GPUs "
+            f"(Docker said: {message})",
+            findings,
+        )
+    if "port is already allocated" in message or "address already in use" in message.lower():
+        findings = [f for f in diagnose("Address already in use") if f.code == "port-in-use"]
+    return LaunchFailure(f"Docker refused to start {spec.container_name}: {message}", findings)
+
+
+def _fail_launch(
+    deployment: Deployment, client: docker.DockerClient, spec: LaunchSpec | None, exc: LaunchFailure
+) -> None:
+    name = spec.container_name if spec else deployment.container_name
+    _remove_container(client, name)
+    allocation.release(deployment, reason="launch failed")
+    fail(deployment, str(exc), [finding.as_json() for finding in exc.findings])
+
+
+def _remove_container(client: docker.DockerClient, name: str) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        client.containers.get(name).remove(force=True)
+
+
+def fail(deployment: Deployment, error: str, diagnosis: list[dict[str, Any]]) -> None:
+    """Store the error and diagnosis, then move to ``failed`` (with a diagnosis event)."""
+    with transaction.atomic():
+        Deployment.objects.filter(pk=deployment.pk).update(
+            last_error=error[:4000], diagnosis=diagnosis
+        )
+        deployment.last_error, deployment.diagnosis = error, diagnosis
+        if diagnosis:
+            DeploymentEvent.objects.create(
+                deployment=deployment,
+                generation=deployment.generation,
+                kind=EventKind.DIAGNOSIS,
+                message=diagnosis[0]["title"],
+                data=diagnosis[0],
+            )
+        deployment.transition(
+            State.FAILED, message=error[:500], diagnosis=[d["code"] for d in diagnosis]
+        )
+
+
+# --- watching ---------------------------------------------------------------------------------
+
+
+def watch(deployment: Deployment, generation: int) -> bool:
+    """One look at the engine: logs, milestones, container state, health. Returns whether to
+    look again (the job re-enqueues itself; nothing sleeps for minutes)."""
+    if deployment.generation != generation or deployment.state not in (
+        State.LOADING,
+        State.READY,
+        State.UNHEALTHY,
+    ):
+        return False
+    client = docker_client(deployment)
+    try:
+        container = client.containers.get(deployment.container_id or deployment.container_name)
+        container.reload()
+    except docker.errors.NotFound:
+        allocation.release(deployment, reason="container vanished")
+        fail(deployment, f"the container {deployment.container_name} disappeared", [])
+        return False
+    _read_new_logs(deployment, container)
+    restarts = int(container.attrs.get("RestartCount") or 0)
+    state = container.attrs.get("State", {})
+    if state.get("Status") in ("exited", "dead") or restarts >= RESTART_LOOP:
+        _engine_died(deployment, client, container, state, restarts)
+        return False
+    return _check_health(deployment)
+
+
+def _read_new_logs(deployment: Deployment, container: Any) -> list[str]:
+    since = deployment.logs_read_until
+    raw = container.logs(stdout=True, stderr=True, timestamps=True, since=since or None).decode(
+        errors="replace"
+    )
+    lines, newest = [], since
+    for entry in raw.splitlines():
+        stamp, _, text = entry.partition(" ")
+        moment = _docker_time(stamp)
+        if moment is not None and moment <= since:
+            continue
+        newest = max(newest, moment or newest)
+        lines.append(text)
+    if lines:
+        _record_progress(deployment, lines)
+        tail = (deployment.log_tail + lines)[-LOG_TAIL_LINES:]
+        Deployment.objects.filter(pk=deployment.pk).update(logs_read_until=newest, log_tail=tail)
+        deployment.logs_read_until, deployment.log_tail = newest, tail
+        publish(deployment.pk, "log")
+    return lines
+
+
+def _docker_time(stamp: str) -> float | None:
+    """Docker's RFC 3339 nanosecond timestamp as Unix seconds."""
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$", stamp)
+    if match is None:
+        return None
+    whole = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
+    return whole + float(f"0.{match.group(2) or 0}")
+
+
+def _record_progress(deployment: Deployment, lines: list[str]) -> None:
+    milestones = []
+    for line in lines:
+        for pattern, template in MILESTONES:
+            match = pattern.search(line)
+            if match:
+                milestones.append(template.format(*match.groups()))
+                break
+    if not milestones:
+        return
+    now = timezone.now()
+    DeploymentEvent.objects.bulk_create(
+        [
+            DeploymentEvent(
+                deployment=deployment,
+                generation=deployment.generation,
+                kind=EventKind.PROGRESS,
+                message=message,
+                time=now,
+            )
+            for message in dict.fromkeys(milestones)
+        ]
+    )
+    Deployment.objects.filter(pk=deployment.pk).update(last_progress_at=now)
+    deployment.last_progress_at = now
+
+
+def _engine_died(
+    deployment: Deployment, client: docker.DockerClient, container: Any, state: dict, restarts: int
+) -> None:
+    exit_code = state.get("ExitCode")
+    findings = diagnose(
+        deployment.log_tail, exit_code=exit_code, oom_killed=bool(state.get("OOMKilled"))
+    )
+    findings = [f for f in findings if f.code != "none"]
+    what = (
+        f"the engine restarted {restarts} times without becoming healthy"
+        if restarts >= RESTART_LOOP
+        else f"the engine exited with code {exit_code}"
+    )
+    container.remove(force=True)
+    allocation.release(deployment, reason="engine exited")
+    fail(
+        deployment,
+        what + (f": {findings[0].title}" if findings else ""),
+        [f.as_json() for f in findings],
+    )
+
+
+def _check_health(deployment: Deployment) -> bool:
+    health = probe(settings.BERTH_ENGINE_BIND, deployment.host_port)
+    now = timezone.now()
+    if deployment.state == State.LOADING:
+        if health.state == "healthy":
+            Deployment.objects.filter(pk=deployment.pk).update(ready_at=now)
+            deployment.transition(State.READY, message="the engine answers /health")
+            return True
+        stalled_for = (now - (deployment.last_progress_at or deployment.updated)).total_seconds()
+        if stalled_for > deployment.stall_timeout_s:
+            _stalled(deployment, stalled_for)
+            return False
+        return True
+    if health.state == "healthy" and deployment.state == State.UNHEALTHY:
+        deployment.transition(State.READY, message="the engine answers /health again")
+    elif health.state != "healthy" and deployment.state == State.READY:
+        deployment.transition(State.UNHEALTHY, message=f"/health: {health.detail}")
+    return True
+
+
+def _stalled(deployment: Deployment, seconds: float) -> None:
+    client = docker_client(deployment)
+    findings = [f for f in diagnose(deployment.log_tail) if f.code != "none"]
+    _remove_container(client, deployment.container_name)
+    allocation.release(deployment, reason="stalled")
+    message = (
+        f"no loading progress for {seconds:.0f} s (stall timeout {deployment.stall_timeout_s} s); "
+        "the last log lines are on this page"
+    )
+    fail(deployment, message, [f.as_json() for f in findings])
+
+
+def probe(address: str, port: int | None) -> Health:
+    """GET /health. A refused connection means vLLM is still loading (it binds the port but
+    listens only once the model is ready), not that it is down."""
+    if port is None:
+        return Health("refused", "no port")
+    connection = http.client.HTTPConnection(address, port, timeout=HEALTH_TIMEOUT_S)
+    try:
+        connection.request("GET", "/health")
+        status = connection.getresponse().status
+    except ConnectionRefusedError:
+        return Health("refused", "connection refused (still loading)")
+    except (TimeoutError, OSError, http.client.HTTPException) as exc:
+        return Health("unhealthy", f"{type(exc).__name__}: {exc}")
+    finally:
+        connection.close()
+    return Health("healthy") if status == 200 else Health("unhealthy", f"HTTP {status}")
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+def stop(deployment: Deployment, generation: int) -> str:
+    """Stop gracefully (SIGTERM, then kill after the timeout), keep the log tail, remove the
+    container, release the GPUs."""
+    if deployment.generation != generation or deployment.state != State.STOPPING:
+        return "nothing to do"
+    client = docker_client(deployment)
+    try:
+        container = client.containers.get(deployment.container_id or deployment.container_name)
+    except docker.errors.NotFound:
+        container = None
+    if container is not None:
+        container.stop(timeout=settings.BERTH_STOP_TIMEOUT_S)
+        _read_new_logs(deployment, container)
+        container.remove(force=True)
+    allocation.release(deployment, reason="stopped")
+    deployment.transition(State.STOPPED, message="container stopped and removed")
+    return "stopped"

@@ -1,0 +1,266 @@
+"""Deployment actions spanning rows and the outside world: plan, request, stop, restart.
+
+Every refusal names the field and the fix, enqueues nothing, calls no Docker API and is audited
+as ``denied``; every accepted request is audited and enqueued on the host's queue on commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+
+import audit
+from accounts.access import team_ids
+from accounts.models import Team
+from audit.actions import Action, Outcome
+from audit.jobs import enqueue, get_queue
+from deployments import planner
+from deployments.engine_args import EngineArgs, SchemaError, parse_engine_args, parse_environment
+from deployments.models import Deployment, EngineImage
+from deployments.states import ACTIVE, State
+
+MIB = 1024**2
+DEFAULT_STALL_TIMEOUT_S = 300  # CPU stand-in engines and plans without timers
+
+
+@dataclass
+class DeployRequest:
+    """What the deploy form or an API sends, before validation."""
+
+    team: Team
+    model: Any  # models_registry.Model
+    host: Any  # gpus.Host
+    image: EngineImage
+    name: str
+    gpu_count: int | None = None  # None: the planner chooses (the smallest TP that fits)
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    override_reason: str = ""  # admins only: launch although the plan does not fit
+
+
+def plan_for(model: Any, host: Any, args: EngineArgs, gpu_count: int | None) -> planner.Plan:
+    """The planner's answer for ``model`` on ``host``'s GPUs with these flags."""
+    gpus = [gpu for gpu in host.gpus.all() if gpu.present and gpu.memory_total_mib]
+    if not gpus:
+        raise ValidationError(
+            {"host": f"{host.name} reports no GPUs: pick another host or a CPU image"}
+        )
+    summary = (
+        planner.WeightsSummary(model.parameter_count, model.weights_bytes, dict(model.dtypes))
+        if model.parameter_count and model.weights_bytes
+        else None
+    )
+    request = planner.PlanRequest(
+        gpu_memory_bytes=min(gpu.memory_total_mib for gpu in gpus) * MIB,
+        gpu_count=len(gpus),
+        gpu_memory_utilization=args.gpu_memory_utilization
+        or planner.DEFAULT_GPU_MEMORY_UTILIZATION,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype or "auto",
+        kv_cache_dtype=args.kv_cache_dtype or "auto",
+        tensor_parallel_size=gpu_count,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enforce_eager=args.enforce_eager,
+    )
+    try:
+        return planner.plan(model.config, request, summary)
+    except planner.PlannerError as exc:
+        raise ValidationError({"model": f"cannot plan this model: {exc}"}) from None
+
+
+def request_deployment(user: Any, data: DeployRequest) -> Deployment:
+    """Validate, plan, record and enqueue a launch; raises ValidationError/PermissionDenied."""
+    try:
+        deployment = _validated(user, data)
+    except (ValidationError, PermissionDenied) as exc:
+        audit.record(
+            Action.DEPLOYMENT_LAUNCH_REQUESTED,
+            outcome=Outcome.DENIED,
+            team=data.team,
+            actor=user,
+            name=str(data.name)[:64],
+            reason=_reason(exc),
+        )
+        raise
+    try:
+        with transaction.atomic():
+            deployment.save()
+            audit.record(
+                Action.DEPLOYMENT_LAUNCH_REQUESTED,
+                target=deployment,
+                actor=user,
+                **_summary(deployment, data),
+            )
+            deployment.transition(State.QUEUED, message=f"queued on {deployment.host.queue_name}")
+            enqueue(
+                get_queue(deployment.host.queue_name),
+                "deployments.jobs.launch_job",
+                deployment.pk,
+                deployment.generation,
+                job_id=f"launch-{deployment.pk}-{deployment.generation}",
+                job_timeout=900,
+            )
+    except IntegrityError:
+        raise ValidationError(
+            {"name": f"team {data.team.slug} already runs a deployment named {data.name}"}
+        ) from None
+    return deployment
+
+
+def _validated(user: Any, data: DeployRequest) -> Deployment:
+    if not (getattr(user, "is_admin", False) or data.team.pk in team_ids(user)):
+        raise PermissionDenied(f"you are not a member of team {data.team.slug}")
+    errors: dict[str, str] = {}
+    if data.model.team_id != data.team.pk:
+        errors["model"] = "this model belongs to another team"
+    elif not data.model.deployable:
+        errors["model"] = (
+            "the model has inspection errors; fix them (see its page) and inspect it again"
+        )
+    if not data.image.enabled:
+        errors["image"] = "this image is not on the allow-list any more"
+    try:
+        args = parse_engine_args(data.engine_args, trust_remote_code_allowed=False)
+        environment = parse_environment(data.environment)
+    except SchemaError as exc:
+        errors.update(exc.errors)
+        args, environment = EngineArgs(), {}
+    if errors:
+        raise ValidationError(errors)
+    gpu_count, tp, plan_json, timers = _gpus_and_plan(user, data, args)
+    return Deployment(
+        name=data.name,
+        team=data.team,
+        model=data.model,
+        host=data.host,
+        image=data.image,
+        gpu_count=gpu_count,
+        tensor_parallel_size=tp,
+        engine_args={k: v for k, v in data.engine_args.items() if v not in (None, "")},
+        environment=environment,
+        plan=plan_json,
+        requested_by=user,
+        **timers,
+    )
+
+
+def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[int, int, dict, dict]:
+    if data.gpu_count == 0:
+        if not data.image.cpu_capable:
+            raise ValidationError(
+                {"gpu_count": "this image needs GPUs; choose at least 1 or a CPU-capable image"}
+            )
+        return 0, 1, {}, {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}
+    if not data.image.gpu_capable:
+        raise ValidationError({"gpu_count": "this image runs without GPUs only: set GPUs to 0"})
+    result = plan_for(data.model, data.host, args, data.gpu_count)
+    if not result.fits:
+        if not data.override_reason or not getattr(user, "is_admin", False):
+            why = result.reasons[-1] if result.reasons else "the model does not fit"
+            hint = f" Try: {result.suggestions[0].message}" if result.suggestions else ""
+            raise ValidationError({"gpu_count": f"the plan does not fit: {why}.{hint}"})
+        audit.record(
+            Action.DEPLOYMENT_PLAN_OVERRIDDEN,
+            team=data.team,
+            actor=user,
+            name=data.name,
+            reason=data.override_reason[:500],
+            reasons=list(result.reasons)[-3:],
+        )
+    tp = result.tensor_parallel_size or data.gpu_count or result.per_gpu_tensor_parallel_size or 1
+    plan_json = {
+        **result.as_json(),
+        "gpu_memory_utilization": args.gpu_memory_utilization
+        or planner.DEFAULT_GPU_MEMORY_UTILIZATION,
+    }
+    timers = {
+        "health_start_period_s": result.startup.health_start_period_s,
+        "stall_timeout_s": result.startup.stall_timeout_s,
+        "engine_ready_timeout_s": result.startup.engine_ready_timeout_s,
+    }
+    return tp, tp, plan_json, timers
+
+
+def request_stop(user: Any, deployment: Deployment) -> None:
+    """Ask the host's agent to stop the engine (audited)."""
+    if deployment.state not in ACTIVE - {State.STOPPING}:
+        raise ValidationError({"state": f"a {deployment.state} deployment cannot be stopped"})
+    with transaction.atomic():
+        audit.record(Action.DEPLOYMENT_STOP_REQUESTED, target=deployment, actor=user)
+        if not deployment.transition(
+            State.STOPPING, message=f"stop requested by {user.get_username()}"
+        ):
+            raise ValidationError(
+                {"state": "the deployment changed state meanwhile; reload the page"}
+            )
+        enqueue(
+            get_queue(deployment.host.queue_name),
+            "deployments.jobs.stop_job",
+            deployment.pk,
+            deployment.generation,
+            job_id=f"stop-{deployment.pk}-{deployment.generation}",
+            job_timeout=600,
+        )
+
+
+def request_restart(user: Any, deployment: Deployment) -> None:
+    """Start a new generation of a failed or stopped deployment."""
+    if deployment.state not in (State.FAILED, State.STOPPED):
+        raise ValidationError(
+            {"state": "only a failed or stopped deployment can be restarted; stop it first"}
+        )
+    with transaction.atomic():
+        updated = Deployment.objects.filter(
+            pk=deployment.pk, generation=deployment.generation, state=deployment.state
+        )
+        if not updated.update(
+            generation=deployment.generation + 1,
+            container_id="",
+            last_error="",
+            diagnosis=[],
+            logs_read_until=0,
+            log_tail=[],
+            restart_count=0,
+        ):
+            raise ValidationError({"state": "the deployment changed meanwhile; reload the page"})
+        deployment.generation += 1
+        audit.record(
+            Action.DEPLOYMENT_RESTART_REQUESTED,
+            target=deployment,
+            actor=user,
+            generation=deployment.generation,
+        )
+        deployment.transition(State.QUEUED, message=f"generation {deployment.generation} queued")
+        enqueue(
+            get_queue(deployment.host.queue_name),
+            "deployments.jobs.launch_job",
+            deployment.pk,
+            deployment.generation,
+            job_id=f"launch-{deployment.pk}-{deployment.generation}",
+            job_timeout=900,
+        )
+
+
+def _summary(deployment: Deployment, data: DeployRequest) -> dict[str, Any]:
+    return {
+        "name": deployment.name,
+        "model": deployment.model.path,
+        "host": deployment.host.name,
+        "image": deployment.image.reference,
+        "gpu_count": deployment.gpu_count,
+        "tensor_parallel_size": deployment.tensor_parallel_size,
+        "engine_args": deployment.engine_args,
+        "environment": sorted(deployment.environment),
+        "plan_fits": deployment.plan.get("fits"),
+        "override_reason": data.override_reason[:500],
+    }
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ValidationError) and hasattr(exc, "message_dict"):
+        return "; ".join(f"{key}: {' '.join(value)}" for key, value in exc.message_dict.items())
+    return str(exc)

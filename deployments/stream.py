@@ -1,0 +1,65 @@
+"""Pushing deployment changes to open pages: Redis pub/sub in, Server-Sent Events out.
+
+Writers call :func:`publish` after their transaction commits; the async view subscribes, first
+sends the current state (pub/sub keeps nothing for late subscribers), then one event per change,
+with a keepalive comment every ``KEEPALIVE_S`` so proxies keep the connection open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import redis.asyncio
+from django.conf import settings
+from django.db import transaction
+from redis.exceptions import RedisError
+
+from audit.jobs import redis_connection
+
+logger = logging.getLogger(__name__)
+KEEPALIVE_S = 15.0
+
+
+def channel(deployment_pk: int) -> str:
+    return f"berth:deployment:{deployment_pk}"
+
+
+def publish(deployment_pk: int, kind: str = "changed") -> None:
+    """Tell open pages that the deployment changed, once the current transaction commits. A
+    Redis hiccup loses only a push: pages also poll."""
+
+    def send() -> None:
+        try:
+            redis_connection().publish(channel(deployment_pk), json.dumps({"kind": kind}))
+        except RedisError as exc:
+            logger.warning("could not publish deployment %s change: %s", deployment_pk, exc)
+
+    transaction.on_commit(send)
+
+
+async def sse_events(
+    deployment_pk: int, render: Callable[[], Awaitable[str]]
+) -> AsyncIterator[str]:
+    """``event: status`` with the freshly rendered status each time the deployment changes."""
+    yield _event(await render())
+    client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(channel(deployment_pk))
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=KEEPALIVE_S)
+            if message is None:
+                yield ": keepalive\n\n"
+                continue
+            yield _event(await render())
+    finally:
+        await pubsub.unsubscribe()
+        await pubsub.aclose()
+        await client.aclose()
+
+
+def _event(html: str) -> str:
+    data = "\n".join(f"data: {line}" for line in html.splitlines() or [""])
+    return f"event: status\n{data}\n\n"

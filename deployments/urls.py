@@ -1,0 +1,13 @@
+from django.urls import path
+
+from deployments import views
+
+urlpatterns = [
+    path("", views.deployment_list, name="deployments-index"),
+    path("new/", views.deploy, name="deployment-new"),
+    path("new/plan/", views.plan_preview, name="deployment-plan"),
+    path("<uuid:public_id>/", views.deployment_detail, name="deployment-detail"),
+    path("<uuid:public_id>/stream/", views.deployment_stream, name="deployment-stream"),
+    path("<uuid:public_id>/stop/", views.stop, name="deployment-stop"),
+    path("<uuid:public_id>/restart/", views.restart, name="deployment-restart"),
+]

@@ -1,0 +1,216 @@
+"""Deployment pages: list, deploy form with the live plan, detail with the live status."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_POST
+
+from accounts.access import get_visible_or_404, role_required, visible_teams
+from accounts.models import Role
+from deployments import services
+from deployments.engine_args import SchemaError, parse_engine_args
+from deployments.forms import DeployForm
+from deployments.launch_spec import docker_run_line
+from deployments.models import Deployment
+from deployments.states import ACTIVE, State
+from deployments.stream import sse_events
+
+SEGMENT_CLASSES = {
+    "weights": "seg-weights",
+    "kv_cache": "seg-kv",
+    "overhead": "seg-overhead",
+    "headroom": "seg-free",
+}
+
+
+@role_required(Role.MEMBER)
+def deployment_list(request: HttpRequest) -> HttpResponse:
+    deployments = Deployment.objects.visible_to(request.user).select_related(
+        "team", "model", "host", "image"
+    )
+    return render(
+        request,
+        "deployments/list.html",
+        {"deployments": deployments, "can_deploy": visible_teams(request.user).exists()},
+    )
+
+
+@role_required(Role.MEMBER)
+def deploy(request: HttpRequest) -> HttpResponse:
+    form = DeployForm(request.POST or None, user=request.user)
+    if request.method == "POST" and form.is_valid():
+        try:
+            deployment = services.request_deployment(request.user, _deploy_request(form))
+        except (ValidationError, PermissionDenied) as exc:
+            _add_errors(form, exc)
+        else:
+            messages.success(
+                request, f"Deployment {deployment.name} queued on {deployment.host.name}."
+            )
+            return redirect("deployment-detail", public_id=deployment.public_id)
+    return render(request, "deployments/deploy.html", {"form": form})
+
+
+@require_POST
+@role_required(Role.MEMBER)
+def plan_preview(request: HttpRequest) -> HttpResponse:
+    """The htmx partial: the plan for what the form says right now."""
+    form = DeployForm(request.POST, user=request.user)
+    context: dict = {"error": None, "plan": None}
+    form.is_valid()
+    data = form.cleaned_data
+    if not all(data.get(key) for key in ("model", "host", "image")):
+        context["error"] = "Choose a model, a host and an image to see the plan."
+    elif data.get("gpu_count") == 0:
+        context["error"] = (
+            "0 GPUs: a CPU engine, nothing to plan."
+            if data["image"].cpu_capable
+            else "This image needs GPUs."
+        )
+    else:
+        try:
+            args = parse_engine_args(form.engine_args())
+            context["plan"] = services.plan_for(
+                data["model"], data["host"], args, data.get("gpu_count")
+            )
+        except SchemaError as exc:
+            context["error"] = str(exc)
+        except ValidationError as exc:
+            context["error"] = " ".join(exc.messages)
+    if context["plan"] is not None:
+        context["bars"] = _bars(context["plan"])
+    return render(request, "deployments/deploy.html#plan", context)
+
+
+@role_required(Role.MEMBER)
+def deployment_detail(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
+    deployment = _load(request, public_id)
+    template = "deployments/detail.html#status" if request.htmx else "deployments/detail.html"
+    return render(request, template, _detail_context(deployment))
+
+
+async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> StreamingHttpResponse:
+    """Server-Sent Events of the status partial (``role_required`` is sync, so checked here)."""
+    user = await request.auser()
+    if user.role not in (Role.MEMBER, Role.ADMIN) or not user.is_active:
+        raise PermissionDenied("Your role does not give access to this page.")
+    deployment = await sync_to_async(_load)(request, public_id)
+
+    @sync_to_async
+    def render_status() -> str:
+        fresh = Deployment.objects.select_related("team", "model__mount", "host", "image").get(
+            pk=deployment.pk
+        )
+        return render_to_string(
+            "deployments/detail.html#status", _detail_context(fresh), request=request
+        )
+
+    response = StreamingHttpResponse(
+        sse_events(deployment.pk, render_status), content_type="text/event-stream"
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+@require_POST
+@role_required(Role.MEMBER)
+def stop(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
+    deployment = _load(request, public_id)
+    try:
+        services.request_stop(request.user, deployment)
+        messages.success(request, f"Stopping {deployment.name}.")
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    return redirect("deployment-detail", public_id=public_id)
+
+
+@require_POST
+@role_required(Role.MEMBER)
+def restart(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
+    deployment = _load(request, public_id)
+    try:
+        services.request_restart(request.user, deployment)
+        messages.success(
+            request, f"Generation {deployment.generation} of {deployment.name} queued."
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    return redirect("deployment-detail", public_id=public_id)
+
+
+def _load(request: HttpRequest, public_id: uuid.UUID) -> Deployment:
+    queryset = Deployment.objects.select_related("team", "model__mount", "host", "image")
+    return get_visible_or_404(queryset, request.user, public_id=public_id)
+
+
+def _detail_context(deployment: Deployment) -> dict:
+    allocations = deployment.allocations.filter(generation=deployment.generation).select_related(
+        "gpu"
+    )
+    return {
+        "deployment": deployment,
+        "events": deployment.events.filter(generation=deployment.generation).order_by("time", "id"),
+        "allocations": allocations,
+        "run_line": _run_line(deployment, [a.gpu for a in allocations]),
+        "live": deployment.state in ACTIVE,
+        "can_stop": deployment.state in ACTIVE - {State.STOPPING},
+        "can_restart": deployment.state in (State.FAILED, State.STOPPED),
+    }
+
+
+def _run_line(deployment: Deployment, gpus: list) -> str:
+    from deployments.launch_spec import container_kwargs
+    from deployments.launcher import build_spec
+
+    try:
+        spec = build_spec(deployment, gpus, deployment.host_port or 0)
+    except (SchemaError, ValueError):
+        return ""
+    return docker_run_line(container_kwargs(spec))
+
+
+def _bars(plan: Any) -> list[dict]:
+    memory = plan.per_gpu
+    if memory is None:
+        return []
+    total = max(memory.total_bytes, sum(size for _, size in memory.segments())) or 1
+    segments, offset = [], 0.0
+    for label, size in memory.segments():
+        if size <= 0:
+            continue
+        percent = round(size * 100 / total, 2)
+        segment = {"label": label, "bytes": size, "css": SEGMENT_CLASSES[label], "percent": percent}
+        segments.append({**segment, "offset": round(offset, 2)})
+        offset += percent
+    count = plan.tensor_parallel_size or plan.per_gpu_tensor_parallel_size or 1
+    return [{"index": index, "segments": segments} for index in range(count)]
+
+
+def _deploy_request(form: DeployForm) -> services.DeployRequest:
+    data = form.cleaned_data
+    return services.DeployRequest(
+        team=data["team"],
+        model=data["model"],
+        host=data["host"],
+        image=data["image"],
+        name=data["name"],
+        gpu_count=data.get("gpu_count"),
+        engine_args=form.engine_args(),
+        environment=data["environment"],
+        override_reason=data.get("override_reason") or "",
+    )
+
+
+def _add_errors(form: DeployForm, exc: ValidationError | PermissionDenied) -> None:
+    for field, errors in getattr(exc, "message_dict", {None: [str(exc)]}).items():
+        for error in errors:
+            form.add_error(field if field in form.fields else None, error)

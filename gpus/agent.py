@@ -1,0 +1,154 @@
+"""The host agent: periodic inventory and heartbeat beside an RQ worker on ``host:<name>``.
+
+``manage.py berth_agent --host gpu-01`` runs :class:`CollectorLoop` in a thread and the worker
+in the main thread (RQ installs its signal handlers there); ``--once`` runs
+:func:`collect_round` and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+from django.db import close_old_connections, connection
+
+from audit import jobs as audit_jobs
+from audit.jobs import get_queue
+from gpus.attribution import attribute
+from gpus.collectors import collect, docker_client, nvidia_runtime_available
+from gpus.inventory import heartbeat, store_collection
+from gpus.models import Host
+from gpus.readings import Collection, Source, SourceFailure
+
+log = logging.getLogger(__name__)
+
+COMPACT_EVERY_S = 3600
+ATTRIBUTION = "docker-attribution"
+
+
+def collect_round(
+    host: Host, *, sources: tuple[str, ...] = Source.ORDER, client: Any = None
+) -> Collection:
+    """Collect once, attribute processes to containers, store; ``host`` is refreshed."""
+    client, client_error = _client(host, client)
+    collection = collect(host.docker_endpoint, sources=sources, client=client)
+    if client_error and Source.DOCKER_SMI in sources:
+        collection = _replace_failure(collection, Source.DOCKER_SMI, client_error)
+    collection = _attributed(collection, client, client_error)
+    runtime = None
+    if client is not None:
+        try:
+            runtime = nvidia_runtime_available(client)
+        except Exception as exc:  # an engine that answers ping but not info
+            log.warning("docker info failed on %s: %s", host.name, exc)
+    store_collection(host, collection, nvidia_runtime=runtime)
+    host.refresh_from_db()
+    return collection
+
+
+def _client(host: Host, client: Any) -> tuple[Any, str]:
+    if client is not None:
+        return client, ""
+    try:
+        made = docker_client(host.docker_endpoint)
+        made.ping()
+    except Exception as exc:  # docker raises several unrelated types when the engine is absent
+        endpoint = host.docker_endpoint or "the local engine"
+        return None, f"Docker is not reachable at {endpoint}: {exc}"[:500]
+    return made, ""
+
+
+def _replace_failure(collection: Collection, source: str, error: str) -> Collection:
+    failures = tuple(
+        SourceFailure(source, error) if failure.source == source else failure
+        for failure in collection.failures
+    )
+    return replace(collection, failures=failures)
+
+
+def _attributed(collection: Collection, client: Any, client_error: str) -> Collection:
+    """Map GPU processes to containers. Without Docker every process stays unattributed, so
+    all of its memory counts as foreign: the safe side for placement."""
+    if collection.inventory is None or not any(g.processes for g in collection.inventory.gpus):
+        return collection
+    if client is None:
+        note = SourceFailure(ATTRIBUTION, client_error)
+        return replace(collection, failures=(*collection.failures, note))
+    try:
+        return replace(collection, inventory=attribute(collection.inventory, client))
+    except Exception as exc:  # attribution is best effort; the reading itself stands
+        note = SourceFailure(ATTRIBUTION, f"{type(exc).__name__}: {exc}"[:500])
+        return replace(collection, failures=(*collection.failures, note))
+
+
+class CollectorLoop(threading.Thread):
+    """Collect every ``interval_s`` (and beat the heart on a thread of its own) until
+    :meth:`stop`; enqueue the hourly history compaction on the host's own queue. A failing
+    round is logged, never fatal."""
+
+    def __init__(
+        self, host: Host, *, interval_s: float, sources: tuple[str, ...] = Source.ORDER
+    ) -> None:
+        super().__init__(name=f"berth-collector-{host.name}", daemon=True)
+        self.host = host
+        self.interval_s = interval_s
+        self.sources = sources
+        self.rounds = 0
+        self._stopping = threading.Event()
+        self._next_compaction = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        # Heartbeats run on their own thread: a collection stuck on a slow source (an image
+        # pull, a hung nvidia-smi) leaves stale readings, which placement refuses, but does
+        # not make a live agent look dead.
+        beats = threading.Thread(target=self._beat, name=f"{self.name}-heartbeat", daemon=True)
+        beats.start()
+        try:
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                self._round()
+                self._stopping.wait(max(self.interval_s - (time.monotonic() - started), 0))
+        finally:
+            connection.close()
+            beats.join(timeout=self.interval_s + 5)
+
+    def _beat(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    close_old_connections()
+                    heartbeat(self.host)
+                except Exception:
+                    log.exception("heartbeat failed on %s", self.host.name)
+                self._stopping.wait(self.interval_s)
+        finally:
+            connection.close()
+
+    def _round(self) -> None:
+        close_old_connections()
+        try:
+            collection = collect_round(self.host, sources=self.sources)
+            if not collection.ok:
+                log.warning(
+                    "inventory unavailable on %s: %s",
+                    self.host.name,
+                    "; ".join(f"{f.source}: {f.error}" for f in collection.failures),
+                )
+            self._maybe_compact()
+        except Exception:
+            log.exception("collection round failed on %s", self.host.name)
+        self.rounds += 1
+
+    def _maybe_compact(self) -> None:
+        if time.monotonic() < self._next_compaction:
+            return
+        self._next_compaction = time.monotonic() + COMPACT_EVERY_S
+        audit_jobs.enqueue(
+            get_queue(self.host.queue_name), "gpus.jobs.compact_host_history", self.host.pk
+        )

@@ -1,0 +1,57 @@
+"""Rows a deployment needs, built directly (the registry and inventory have their own tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accounts.models import Team
+from deployments.models import Deployment, EngineImage
+from gpus.models import Gpu, Host
+from models_registry.models import Model, StorageMount
+
+
+def host_with_gpus(name: str = "gpu-01", count: int = 4, memory_mib: int = 81_559) -> Host:
+    host = Host.objects.create(name=name)
+    for index in range(count):
+        Gpu.objects.create(
+            host=host,
+            index=index,
+            uuid=f"GPU-{name}-{index}",
+            name="NVIDIA H100 80GB HBM3",
+            memory_total_mib=memory_mib,
+        )
+    return host
+
+
+def registered_model(team: Team, root: Path, name: str = "llama") -> Model:
+    mount, _ = StorageMount.objects.get_or_create(
+        name="store",
+        defaults={
+            "canonical_prefix": "/store",
+            "local_path": str(root),
+            "host_path": str(root),
+            "container_path": "/models",
+        },
+    )
+    model = Model(team=team, mount=mount, path=f"/store/{team.slug}/{name}", status="ok")
+    model.save()
+    return model
+
+
+def engine_image(reference: str = "vllm/vllm-openai:v0.11.0") -> EngineImage:
+    image, _ = EngineImage.objects.get_or_create(name="vllm", defaults={"reference": reference})
+    return image
+
+
+def deployment(
+    team: Team, model: Model, host: Host, name: str = "llama", gpu_count: int = 1
+) -> Deployment:
+    return Deployment.objects.create(
+        name=name,
+        team=team,
+        model=model,
+        host=host,
+        image=engine_image(),
+        gpu_count=gpu_count,
+        tensor_parallel_size=gpu_count,
+    )

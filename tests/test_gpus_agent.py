@@ -1,0 +1,98 @@
+"""``manage.py berth_agent --host NAME`` as a real process: its collector writes heartbeats and
+inventory state, its worker runs jobs from ``host:NAME``, and SIGTERM stops both."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from unittest import mock
+
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.job import JobStatus
+
+from gpus.agent import CollectorLoop
+from gpus.hosts import register_host
+from gpus.models import Host, HostStatus
+from tests.conftest import BASE_DIR, subprocess_env
+
+pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+DEADLINE_S = 45
+
+
+def wait_for(predicate: Callable[[], bool], deadline_s: float = DEADLINE_S) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_agent_collects_heartbeats_and_serves_its_queue(redis_client: Redis) -> None:
+    host = register_host("gpu-agent")[0]
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            str(BASE_DIR / "manage.py"),
+            "berth_agent",
+            "--host",
+            "gpu-agent",
+            "--sources",
+            "nvml",
+            "--interval",
+            "0.5",
+        ],
+        env=subprocess_env(),
+        cwd=BASE_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # No NVIDIA driver here: the collector marks the host unavailable, with NVML's error.
+        assert wait_for(
+            lambda: Host.objects.get(pk=host.pk).status == HostStatus.INVENTORY_UNAVAILABLE
+        )
+        first = Host.objects.get(pk=host.pk).last_heartbeat
+        assert wait_for(lambda: Host.objects.get(pk=host.pk).last_heartbeat > first)
+        assert "NVMLError_LibraryNotFound" in Host.objects.get().inventory_errors[0]["error"]
+        job = Queue(host.queue_name, connection=redis_client).enqueue(
+            "gpus.jobs.compact_host_history", host.pk
+        )
+        assert wait_for(lambda: job.get_status(refresh=True) == JobStatus.FINISHED)
+        assert job.return_value() == {"rolled_up": 0, "rollups": 0, "expired": 0}
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        code = agent.wait(timeout=DEADLINE_S)
+        output = agent.stdout.read()
+        agent.stdout.close()
+    assert code == 0, output
+    assert "Berth agent for gpu-agent stopped." in output
+
+
+def test_heartbeats_continue_while_a_collection_hangs() -> None:
+    """A slow source leaves readings stale (placement refuses them) but the agent alive."""
+    host = register_host("gpu-slow")[0]
+    release = threading.Event()
+    with mock.patch(
+        "gpus.agent.collect_round", autospec=True, side_effect=lambda *a, **k: release.wait(30)
+    ):
+        loop = CollectorLoop(host, interval_s=0.1)
+        loop.start()
+        try:
+            assert wait_for(lambda: Host.objects.get(pk=host.pk).last_heartbeat is not None)
+            first = Host.objects.get(pk=host.pk).last_heartbeat
+            assert wait_for(lambda: Host.objects.get(pk=host.pk).last_heartbeat > first)
+            assert loop.rounds == 0  # the first collection is still hanging
+        finally:
+            loop.stop()
+            release.set()
+            loop.join(timeout=10)
+    assert not loop.is_alive()

@@ -1,0 +1,194 @@
+"""Launching on the real Docker engine with the stand-in engine (not vLLM): loading → ready with
+milestones, stop, a failing engine diagnosed, the GPU request refused with the runtime message,
+and a retried launch adopting its container. Nothing is left running."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from accounts.models import Team
+from deployments import launcher
+from deployments.models import Deployment, EngineImage, GpuAllocation
+from deployments.states import State
+from tests.deployment_builders import host_with_gpus, registered_model
+from tests.model_dirs import write_model
+
+pytestmark = [pytest.mark.docker, pytest.mark.django_db]
+DEADLINE_S = 60
+
+
+@pytest.fixture
+def stand_in(engine_image: str) -> Callable[..., EngineImage]:
+    """The stand-in engine on the allow-list, CPU-capable, with admin-set behaviour."""
+
+    def make(**environment: str) -> EngineImage:
+        image = EngineImage(
+            name=f"stand-in-{len(environment)}-{abs(hash(tuple(environment.items()))) % 10**6}",
+            reference=engine_image,
+            gpu_capable=False,
+            cpu_capable=True,
+            is_stand_in=True,
+            health_command=[
+                "curl",
+                "-fsS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:8000/health",
+            ],
+            environment={"ENGINE_LOAD_SECONDS": "1", **environment},
+        )
+        image.full_clean()
+        image.save()
+        return image
+
+    return make
+
+
+@pytest.fixture
+def new_deployment(
+    team_a: Team, tmp_path: Path, docker_client: Any
+) -> Iterator[Callable[..., Deployment]]:
+    """A queued deployment of a real tiny model directory; its containers are removed after."""
+    write_model(tmp_path / "team-a" / "tiny")
+    model = registered_model(team_a, tmp_path, "tiny")
+    host = host_with_gpus(count=1)
+    made: list[Deployment] = []
+
+    def make(image: EngineImage, gpu_count: int = 0, name: str = "tiny") -> Deployment:
+        deployment = Deployment.objects.create(
+            name=name,
+            team=team_a,
+            model=model,
+            host=host,
+            image=image,
+            gpu_count=gpu_count,
+            tensor_parallel_size=max(gpu_count, 1),
+            state=State.QUEUED,
+            stall_timeout_s=30,
+            plan={"max_model_len": 2048, "gpu_memory_utilization": 0.9},
+        )
+        made.append(deployment)
+        return deployment
+
+    yield make
+    for deployment in made:
+        for container in docker_client.containers.list(
+            all=True, filters={"name": deployment.container_name}
+        ):
+            container.remove(force=True)
+        for volume in docker_client.volumes.list(
+            filters={"name": f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"}
+        ):
+            volume.remove(force=True)
+
+
+def watch_until(deployment: Deployment, states: set[State]) -> None:
+    end = time.monotonic() + DEADLINE_S
+    while time.monotonic() < end:
+        deployment.refresh_from_db()
+        if deployment.state in states:
+            return
+        if not launcher.watch(deployment, deployment.generation):
+            deployment.refresh_from_db()
+            break
+        time.sleep(0.2)
+    assert deployment.state in states, (
+        deployment.state,
+        deployment.last_error,
+        deployment.log_tail[-10:],
+    )
+
+
+def test_launch_loads_becomes_ready_and_stops_cleanly(
+    stand_in, new_deployment, docker_client: Any
+) -> None:
+    deployment = new_deployment(stand_in())
+    assert launcher.launch(deployment, 1) == "loading"
+    watch_until(deployment, {State.READY})
+    states = list(deployment.events.filter(kind="state").values_list("state", flat=True))
+    assert states == ["launching", "loading", "ready"]
+    progress = list(deployment.events.filter(kind="progress").values_list("message", flat=True))
+    assert "server started" in progress
+    assert any(line.endswith("Application startup complete.") for line in deployment.log_tail)
+    container = docker_client.containers.get(deployment.container_name)
+    assert container.labels["berth.deployment"] == str(deployment.pk)
+
+    Deployment.objects.filter(pk=deployment.pk).update(state=State.STOPPING)
+    deployment.refresh_from_db()
+    assert launcher.stop(deployment, 1) == "stopped"
+    assert (
+        docker_client.containers.list(all=True, filters={"name": deployment.container_name}) == []
+    )
+
+
+def test_failing_engine_ends_failed_with_its_diagnosis_and_nothing_left(
+    stand_in, new_deployment, docker_client: Any
+) -> None:
+    deployment = new_deployment(stand_in(ENGINE_FAIL="cuda-oom"))
+    launcher.launch(deployment, 1)
+    watch_until(deployment, {State.FAILED})
+    assert deployment.diagnosis[0]["code"] == "cuda-oom"
+    # Docker's restart policy may have restarted it before the watcher looked: either way the
+    # cause is named.
+    assert "The GPU ran out of memory" in deployment.last_error
+    assert (
+        docker_client.containers.list(all=True, filters={"name": deployment.container_name}) == []
+    )
+
+
+def test_gpu_request_fails_cleanly_with_the_runtime_message(
+    stand_in, new_deployment, docker_client: Any
+) -> None:
+    image = stand_in()
+    EngineImage.objects.filter(pk=image.pk).update(gpu_capable=True)
+    deployment = new_deployment(image, gpu_count=1)
+    result = launcher.launch(deployment, 1, gpus=list(deployment.host.gpus.all()))
+    deployment.refresh_from_db()
+    assert result.startswith("failed")
+    assert deployment.state == State.FAILED
+    assert "this host has no NVIDIA container runtime" in deployment.last_error
+    assert deployment.diagnosis[0]["code"] == "no-nvidia-runtime"
+    assert "nvidia-container-toolkit" in deployment.diagnosis[0]["remedy"]
+    assert (
+        docker_client.containers.list(all=True, filters={"name": deployment.container_name}) == []
+    )
+    assert not GpuAllocation.objects.filter(active=True).exists()  # released
+
+
+def test_a_retried_launch_adopts_the_container_instead_of_creating_another(
+    stand_in, new_deployment, docker_client: Any
+) -> None:
+    deployment = new_deployment(stand_in())
+    spec = launcher.build_spec(deployment, [], launcher._port(deployment))
+    first = launcher._create_or_adopt(docker_client, spec)  # a worker died right after this
+    Deployment.objects.filter(pk=deployment.pk).update(state=State.LAUNCHING)
+    deployment.refresh_from_db()
+    assert launcher.launch(deployment, 1) == "loading"
+    assert deployment.container_id == first.id
+    assert (
+        len(
+            docker_client.containers.list(
+                all=True, filters={"name": f"{settings.BERTH_INSTANCE}-{deployment.pk}-g"}
+            )
+        )
+        == 1
+    )
+
+
+def test_a_stale_generation_does_nothing(stand_in, new_deployment, docker_client: Any) -> None:
+    deployment = new_deployment(stand_in())
+    assert launcher.launch(deployment, 0) == "stale generation: nothing to do"
+    assert (
+        docker_client.containers.list(
+            all=True, filters={"name": f"{settings.BERTH_INSTANCE}-{deployment.pk}-g"}
+        )
+        == []
+    )
