@@ -32,6 +32,7 @@ from deployments.stream import publish
 from models_registry.inspection import inspect_directory
 
 LOG_TAIL_LINES = 200
+PORT_ATTEMPTS = 5  # host ports tried when other programs hold them
 RESTART_LOOP = 2  # Docker restarted the engine this often: it will not come up by itself
 HEALTH_TIMEOUT_S = 2.0
 MILESTONES = (
@@ -87,8 +88,7 @@ def launch(deployment: Deployment, generation: int, *, gpus: Sequence[Any] = ())
     try:
         _check_model_on_host(deployment)
         held = _hold_gpus(deployment, gpus)
-        spec = build_spec(deployment, held, _port(deployment))
-        container = _create_or_adopt(client, spec)
+        spec, container = _start_on_a_free_port(client, deployment, held)
     except LaunchFailure as exc:
         _fail_launch(deployment, client, spec, exc)
         return f"failed: {exc}"
@@ -147,11 +147,33 @@ def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
     return sorted(gpus, key=lambda gpu: gpu.index)
 
 
-def _port(deployment: Deployment) -> int:
+def _start_on_a_free_port(
+    client: docker.DockerClient, deployment: Deployment, gpus: list[Any]
+) -> tuple:
+    """Create and start the container; when another program holds the chosen host port, remove
+    the container and try the next port (Berth only knows its own engines' ports)."""
+    taken: set[int] = set()
+    for _attempt in range(PORT_ATTEMPTS):
+        spec = build_spec(deployment, gpus, _port(deployment, taken))
+        try:
+            return spec, _create_or_adopt(client, spec)
+        except LaunchFailure as exc:
+            if not any(finding.code == "port-in-use" for finding in exc.findings):
+                raise
+            _remove_container(client, spec.container_name)
+            taken.add(spec.host_port)
+            Deployment.objects.filter(pk=deployment.pk).update(host_port=None)
+            deployment.host_port = None
+    raise LaunchFailure(
+        f"ports {sorted(taken)} on {deployment.host.name} are all held by other programs"
+    )
+
+
+def _port(deployment: Deployment, taken: set[int] = frozenset()) -> int:
     """The deployment's host port: kept across retries, else the lowest free one in the range."""
     if deployment.host_port:
         return deployment.host_port
-    used = set(
+    used = taken | set(
         Deployment.objects.active()
         .filter(host=deployment.host)
         .exclude(pk=deployment.pk)

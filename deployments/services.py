@@ -123,12 +123,15 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
         )
     if not data.image.enabled:
         errors["image"] = "this image is not on the allow-list any more"
+    args, environment = EngineArgs(), {}
     try:
         args = parse_engine_args(data.engine_args, trust_remote_code_allowed=False)
-        environment = parse_environment(data.environment)
     except SchemaError as exc:
         errors.update(exc.errors)
-        args, environment = EngineArgs(), {}
+    try:
+        environment = parse_environment(data.environment)
+    except SchemaError as exc:
+        errors["environment"] = "; ".join(f"{key} {why}" for key, why in exc.errors.items())
     if errors:
         raise ValidationError(errors)
     gpu_count, tp, plan_json, timers = _gpus_and_plan(user, data, args)

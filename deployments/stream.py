@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio
@@ -43,17 +44,21 @@ async def sse_events(
     deployment_pk: int, render: Callable[[], Awaitable[str]]
 ) -> AsyncIterator[str]:
     """``event: status`` with the freshly rendered status each time the deployment changes."""
-    yield _event(await render())
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
     pubsub = client.pubsub()
     try:
+        # Subscribe before rendering the current state, so no change falls in between.
         await pubsub.subscribe(channel(deployment_pk))
+        yield _event(await render())
+        quiet_since = time.monotonic()
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=KEEPALIVE_S)
-            if message is None:
+            message = await pubsub.get_message(timeout=KEEPALIVE_S)
+            if message is not None and message["type"] == "message":
+                yield _event(await render())
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                 yield ": keepalive\n\n"
-                continue
-            yield _event(await render())
+                quiet_since = time.monotonic()
     finally:
         await pubsub.unsubscribe()
         await pubsub.aclose()

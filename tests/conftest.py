@@ -53,7 +53,7 @@ settings.RQ_QUEUES["default"]["URL"] = TEST_REDIS_URL
 TEST_INSTANCE = "t" + uuid.uuid4().hex[:8]
 settings.BERTH_INSTANCE = TEST_INSTANCE
 # ...and publish engines on a port range of their own.
-settings.BERTH_ENGINE_PORT_MIN = 31000 + uuid.uuid4().int % 300 * 100
+settings.BERTH_ENGINE_PORT_MIN = 20000 + uuid.uuid4().int % 120 * 100  # below ephemeral ports
 settings.BERTH_ENGINE_PORT_MAX = settings.BERTH_ENGINE_PORT_MIN + 99
 
 

@@ -192,3 +192,16 @@ def test_a_stale_generation_does_nothing(stand_in, new_deployment, docker_client
         )
         == []
     )
+
+
+def test_a_host_port_held_by_another_program_is_skipped(stand_in, new_deployment, settings) -> None:
+    import socket
+
+    settings.BERTH_ENGINE_PORT_MIN += 50  # a part of this process's range no other test used
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", settings.BERTH_ENGINE_PORT_MIN))
+        squatter.listen()
+        deployment = new_deployment(stand_in())
+        assert launcher.launch(deployment, 1) == "loading"
+    deployment.refresh_from_db()
+    assert deployment.host_port == settings.BERTH_ENGINE_PORT_MIN + 1

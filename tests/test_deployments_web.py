@@ -1,0 +1,293 @@
+"""Deployment pages and services: permissions, refusals that enqueue nothing, the live plan,
+and the whole path through a real worker to a ready stand-in engine, pushed over SSE."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.test import AsyncClient, Client
+
+from accounts.models import Team, User
+from audit.jobs import get_queue
+from audit.models import AuditEvent
+from deployments.models import Deployment, EngineImage
+from deployments.states import State
+from tests.conftest import BASE_DIR, subprocess_env
+from tests.deployment_builders import host_with_gpus, registered_model
+from tests.model_dirs import write_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
+PEOPLE = ("alice", "bob", "carol", "admin", "anonymous")
+
+
+def client_for(person: User | None) -> Client:
+    client = Client()
+    if person is not None:
+        client.force_login(person)
+    return client
+
+
+@pytest.fixture
+def setup(team_a: Team, tmp_path: Path) -> dict[str, Any]:
+    """Team A's tiny model on a 4 x H100 host, a vLLM image and a CPU stand-in image."""
+    write_model(tmp_path / "team-a" / "tiny")
+    model = registered_model(team_a, tmp_path, "tiny")
+    model.config = json.loads((tmp_path / "team-a" / "tiny" / "config.json").read_text())
+    model.save()
+    vllm = EngineImage.objects.create(name="vllm", reference="vllm/vllm-openai:v0.11.0")
+    return {"model": model, "host": host_with_gpus(count=4), "vllm": vllm, "team": team_a}
+
+
+def form_data(setup: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    data = {
+        "name": "tiny", "team": setup["team"].pk, "model": setup["model"].pk,
+        "host": setup["host"].pk, "image": setup["vllm"].pk, "gpu_count": "",
+        "max_model_len": "2048", "kv_cache_dtype": "auto", "dtype": "auto", "environment": "",
+    }  # fmt: skip
+    data.update(changes)
+    return data
+
+
+@pytest.mark.django_db
+def test_permission_matrix(people: dict[str, User | None], setup: dict[str, Any]) -> None:
+    deployment = Deployment.objects.create(
+        name="tiny",
+        team=setup["team"],
+        model=setup["model"],
+        host=setup["host"],
+        image=setup["vllm"],
+        gpu_count=1,
+    )
+    matrix = {
+        ("get", "/deployments/"): (200, 200, 403, 200, 302),
+        ("get", "/deployments/new/"): (200, 200, 403, 200, 302),
+        ("get", f"/deployments/{deployment.public_id}/"): (200, 404, 403, 200, 302),
+        ("post", f"/deployments/{deployment.public_id}/stop/"): (302, 404, 403, 302, 302),
+    }
+    for (method, path), expected in matrix.items():
+        got = tuple(getattr(client_for(people[name]), method)(path).status_code for name in PEOPLE)
+        assert got == expected, (method, path, dict(zip(PEOPLE, got, strict=True)))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("changes", "field", "fragment"),
+    [
+        ({"environment": "LD_PRELOAD=/model/x.so"}, "environment", "arbitrary code"),
+        ({"environment": "VLLM_USE_V1=0"}, "environment", "obsolete"),
+        ({"environment": "not a pair"}, "environment", "KEY=VALUE"),
+        ({"name": "../x"}, "name", "lowercase letters"),
+        ({"name": "<script>"}, "name", "lowercase letters"),
+        ({"gpu_count": "0"}, "gpu_count", "needs GPUs"),
+        ({"gpu_count": "-1"}, "gpu_count", "greater than or equal to 0"),
+        ({"gpu_count": "1e9"}, "gpu_count", "whole number"),
+        ({"gpu_memory_utilization": "1.5"}, "gpu_memory_utilization", "less than or equal to 0.98"),
+        ({"gpu_memory_utilization": "NaN"}, "gpu_memory_utilization", "number"),
+        ({"max_model_len": "4096; rm -rf /"}, "max_model_len", "whole number"),
+        ({"gpu_count": "3"}, "gpu_count", "does not fit"),
+    ],
+)
+def test_refusals_name_the_field_enqueue_nothing_and_are_audited(
+    alice: User,
+    setup: dict[str, Any],
+    changes: dict[str, str],
+    field: str,
+    fragment: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    queue = get_queue(setup["host"].queue_name)
+    queue.empty()
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for(alice).post("/deployments/new/", form_data(setup, **changes))
+    assert response.status_code == 200
+    errors = response.context["form"].errors
+    assert fragment in " ".join(errors.get(field, [])), errors
+    assert not Deployment.objects.exists()
+    assert queue.count == 0
+
+
+@pytest.mark.django_db
+def test_service_refusals_are_audited_as_denied(alice: User, setup: dict[str, Any]) -> None:
+    client_for(alice).post(
+        "/deployments/new/", form_data(setup, environment="CUDA_VISIBLE_DEVICES=0,1")
+    )
+    event = AuditEvent.objects.get(action="deployment.launch_requested")
+    assert (event.outcome, event.actor_name) == ("denied", "alice")
+    assert "CUDA_VISIBLE_DEVICES" in event.payload["reason"]
+
+
+@pytest.mark.django_db
+def test_other_teams_ids_are_refused(bob: User, setup: dict[str, Any]) -> None:
+    response = client_for(bob).post("/deployments/new/", form_data(setup))
+    errors = response.context["form"].errors
+    assert "Select a valid choice" in " ".join(errors["team"] + errors["model"])
+    assert not Deployment.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_plan_preview_draws_a_bar_per_gpu(alice: User, setup: dict[str, Any]) -> None:
+    html = client_for(alice).post("/deployments/new/plan/", form_data(setup)).content.decode()
+    assert "Fits</strong> at tensor-parallel size 1" in html
+    assert html.count('class="gpu-bar"') == 1
+    assert 'class="seg-weights"' in html
+    assert 'class="seg-kv"' in html
+
+
+@pytest.mark.django_db
+def test_a_plan_that_does_not_fit_blocks_members_but_an_admin_can_override_with_a_reason(
+    alice: User,
+    admin: User,
+    setup: dict[str, Any],
+    tmp_path: Path,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    model = setup["model"]
+    model.config = json.loads((FIXTURES / "llama-3.1-70b-instruct.json").read_text())
+    model.parameter_count = model.weights_bytes = None
+    model.save()
+    setup["host"].gpus.update(memory_total_mib=40_960)
+    response = client_for(alice).post(
+        "/deployments/new/", form_data(setup, gpu_count="2", max_model_len="8192")
+    )
+    assert "the plan does not fit" in " ".join(response.context["form"].errors["gpu_count"])
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for(admin).post(
+            "/deployments/new/",
+            form_data(
+                setup,
+                gpu_count="2",
+                max_model_len="8192",
+                override_reason="benchmarking the OOM on purpose",
+            ),
+        )
+    assert response.status_code == 302
+    assert AuditEvent.objects.get(action="deployment.plan_overridden").payload["reason"] == (
+        "benchmarking the OOM on purpose"
+    )
+    get_queue(setup["host"].queue_name).empty()
+
+
+@pytest.mark.redis
+@pytest.mark.docker
+@pytest.mark.django_db(transaction=True)
+def test_deploy_through_a_real_worker_to_ready_then_stop(
+    alice: User, setup: dict[str, Any], engine_image: str
+) -> None:
+    stand_in = EngineImage.objects.create(
+        name="stand-in",
+        reference=engine_image,
+        gpu_capable=False,
+        cpu_capable=True,
+        is_stand_in=True,
+        health_command=[
+            "curl",
+            "-fsS",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:8000/health",
+        ],
+        environment={"ENGINE_LOAD_SECONDS": "1"},
+    )
+    client = client_for(alice)
+    response = client.post("/deployments/new/", form_data(setup, image=stand_in.pk, gpu_count="0"))
+    assert response.status_code == 302, response.context["form"].errors
+    deployment = Deployment.objects.get()
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            str(BASE_DIR / "manage.py"),
+            "berth_worker",
+            setup["host"].queue_name,
+            "--with-scheduler",
+        ],
+        env=subprocess_env(BERTH_MONITOR_INTERVAL_S="0.5"),
+        cwd=BASE_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(deployment, State.READY)
+        page = client.get(f"/deployments/{deployment.public_id}/").content.decode()
+        for text in ("Ready", "docker run --detach", "stand-in engine"):
+            assert text in page
+        assert client.post(f"/deployments/{deployment.public_id}/stop/").status_code == 302
+        _wait_for(deployment, State.STOPPED)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        worker.stderr.close()
+    states = list(deployment.events.filter(kind="state").values_list("state", flat=True))
+    assert states == ["queued", "launching", "loading", "ready", "stopping", "stopped"]
+    requested = AuditEvent.objects.get(action="deployment.launch_requested")
+    launched = AuditEvent.objects.filter(
+        action="deployment.state_changed", payload_json__contains='"new":"ready"'
+    ).get()
+    assert (launched.actor_name, launched.actor_kind, launched.request_id) == (
+        "alice",
+        "job",
+        requested.request_id,
+    )
+
+
+def _wait_for(deployment: Deployment, state: State, deadline_s: float = 60) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        deployment.refresh_from_db()
+        if deployment.state == state:
+            return
+        assert deployment.state != State.FAILED, (deployment.last_error, deployment.log_tail[-5:])
+        time.sleep(0.2)
+    raise AssertionError(
+        f"still {deployment.state} after {deadline_s} s: {deployment.log_tail[-5:]}"
+    )
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_the_stream_sends_the_current_state_then_each_change(
+    alice: User, setup: dict[str, Any]
+) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    # A fresh event loop in its own thread: the browser tests' Playwright loop may be running in
+    # this one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, _stream_check(alice, setup)).result(timeout=60)
+
+
+async def _stream_check(alice: User, setup: dict[str, Any]) -> None:
+    from asgiref.sync import sync_to_async
+
+    from deployments.stream import publish
+
+    deployment = await Deployment.objects.acreate(
+        name="tiny",
+        team=setup["team"],
+        model=setup["model"],
+        host=setup["host"],
+        image=setup["vllm"],
+        gpu_count=1,
+    )
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(alice)
+    response = await client.get(f"/deployments/{deployment.public_id}/stream/")
+    assert response["Content-Type"] == "text/event-stream"
+    chunks = response.streaming_content
+    first = await anext(chunks)
+    assert first.startswith(b"event: status\ndata: ")
+    assert b"Pending" in first
+    await Deployment.objects.filter(pk=deployment.pk).aupdate(state=State.QUEUED)
+    await sync_to_async(publish)(deployment.pk)
+    second = await anext(chunks)
+    assert b"Queued" in second
+    await chunks.aclose()
