@@ -291,3 +291,36 @@ async def _stream_check(alice: User, setup: dict[str, Any]) -> None:
     second = await anext(chunks)
     assert b"Queued" in second
     await chunks.aclose()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("reference", "ok"),
+    [
+        ("vllm/vllm-openai:v0.11.0", True),
+        ("vllm/vllm-openai@sha256:" + "a" * 64, True),
+        ("registry.local:5000/team/vllm:v1", True),
+        ("vllm/vllm-openai:v0.11.0; rm -rf /", False),
+        ("$(id)", False),
+        ("vllm/vllm-openai@sha256:short", False),
+    ],
+)
+def test_engine_image_allow_list_in_the_admin(admin: User, reference: str, ok: bool) -> None:
+    response = client_for(admin).post("/admin/deployments/engineimage/add/", {
+        "name": "vllm", "reference": reference, "description": "", "gpu_capable": "on",
+        "health_command": '["curl", "-fsS", "http://127.0.0.1:8000/health"]', "environment": "{}",
+        "enabled": "on",
+    })  # fmt: skip
+    assert (response.status_code == 302) is ok
+    assert EngineImage.objects.filter(reference=reference).exists() is ok
+    assert AuditEvent.objects.filter(action="image.saved").exists() is ok
+
+
+@pytest.mark.django_db
+def test_engine_image_health_command_is_exec_form_only(admin: User) -> None:
+    response = client_for(admin).post("/admin/deployments/engineimage/add/", {
+        "name": "vllm", "reference": "vllm/vllm-openai:v1", "gpu_capable": "on", "enabled": "on",
+        "health_command": '["curl -f http://x || true"]', "environment": "{}",
+    })  # fmt: skip
+    assert response.status_code == 200
+    assert "exec form" in response.content.decode()
