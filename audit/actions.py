@@ -43,6 +43,7 @@ class Action(models.TextChoices):
     DEPLOYMENT_PLAN_OVERRIDDEN = "deployment.plan_overridden", "Plan overridden by an admin"
     ENGINE_IMAGE_SAVED = "image.saved", "Engine image allow-list changed"
     GC_RAN = "gc.ran", "Garbage collection ran"
+    GC_REQUESTED = "gc.requested", "Garbage collection requested"
 
 
 class Outcome(models.TextChoices):

@@ -309,4 +309,6 @@ if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", BERTH_INSTANCE):
     raise ImproperlyConfigured(
         f"BERTH_INSTANCE={BERTH_INSTANCE!r}: use 1-20 lowercase letters, digits and hyphens"
     )
+# Docker garbage collection on each GPU host (builder cache, stopped engines, dangling images).
+BERTH_GC_INTERVAL_H = env_int("BERTH_GC_INTERVAL_H", 24, minimum=0, maximum=24 * 30)
 BERTH_STOP_TIMEOUT_S = env_int("BERTH_STOP_TIMEOUT_S", 30, minimum=1, maximum=600)

@@ -12,6 +12,7 @@ from datetime import timedelta
 from django.conf import settings
 from rq import get_current_job
 
+import docker
 from audit.jobs import get_queue
 from deployments import launcher
 from deployments.models import Deployment
@@ -41,6 +42,28 @@ def watch_job(deployment_pk: int, generation: int) -> bool:
 def stop_job(deployment_pk: int, generation: int) -> str:
     deployment = Deployment.objects.select_related("host").get(pk=deployment_pk)
     return launcher.stop(deployment, generation)
+
+
+def gc_job(host_pk: int) -> dict:
+    """Garbage-collect one host's Docker engine, keeping what live deployments use."""
+    from deployments.gc import collect
+    from gpus.models import Host
+
+    host = Host.objects.get(pk=host_pk)
+    live = {
+        str(pk) for pk in Deployment.objects.active().filter(host=host).values_list("pk", flat=True)
+    }
+    endpoint = host.docker_endpoint
+    client = (
+        docker.DockerClient(base_url=endpoint, timeout=120)
+        if endpoint
+        else docker.from_env(timeout=120)
+    )
+    try:
+        result = collect(client, live_deployments=live, host=host.name)
+    finally:
+        client.close()
+    return {"bytes_reclaimed": result.bytes_reclaimed, "errors": result.errors}
 
 
 def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from django.conf import settings
 from django.db import close_old_connections, connection
 
 from audit import jobs as audit_jobs
@@ -99,6 +100,7 @@ class CollectorLoop(threading.Thread):
         self.rounds = 0
         self._stopping = threading.Event()
         self._next_compaction = time.monotonic()
+        self._next_gc: float | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -152,3 +154,18 @@ class CollectorLoop(threading.Thread):
         audit_jobs.enqueue(
             get_queue(self.host.queue_name), "gpus.jobs.compact_host_history", self.host.pk
         )
+        self._maybe_collect_garbage()
+
+    def _maybe_collect_garbage(self) -> None:
+        """Daily (BERTH_GC_INTERVAL_H) Docker garbage collection on this host, by job name:
+        the deployments app owns it, and gpus never imports deployments."""
+        interval_s = settings.BERTH_GC_INTERVAL_H * 3600
+        if not interval_s:
+            return
+        if self._next_gc is None:
+            self._next_gc = time.monotonic() + interval_s  # not at start: let engines settle
+            return
+        if time.monotonic() < self._next_gc:
+            return
+        self._next_gc = time.monotonic() + interval_s
+        audit_jobs.enqueue(get_queue(self.host.queue_name), "deployments.jobs.gc_job", self.host.pk)

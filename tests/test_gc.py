@@ -87,3 +87,33 @@ def test_collect_removes_stopped_berth_containers_but_not_live_ones(
         for container in (dead, live, foreign, other_console):
             with contextlib.suppress(docker.errors.NotFound):  # the collector removed it
                 container.remove(force=True)
+
+
+@pytest.mark.docker
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_admins_queue_gc_per_host_and_the_job_keeps_live_engines(
+    admin: Any, docker_client: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from django.test import Client
+
+    from audit.jobs import get_queue
+    from deployments.jobs import gc_job
+    from gpus.models import Host
+
+    host = Host.objects.create(name="gc-host")
+    queue = get_queue(host.queue_name)
+    queue.empty()
+    client = Client()
+    client.force_login(admin)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(
+            "/admin/gpus/host/", {"action": "collect_garbage", "_selected_action": [host.pk]}
+        )
+    assert response.status_code == 302
+    requested = AuditEvent.objects.get(action="gc.requested")
+    assert queue.job_ids == [requested.payload["job_id_queued"]]
+    queue.empty()
+    result = gc_job(host.pk)
+    assert result["errors"] == []
+    assert AuditEvent.objects.get(action="gc.ran").payload["host"] == "gc-host"
