@@ -44,6 +44,8 @@ class Action(models.TextChoices):
     ENGINE_IMAGE_SAVED = "image.saved", "Engine image allow-list changed"
     GC_RAN = "gc.ran", "Garbage collection ran"
     GC_REQUESTED = "gc.requested", "Garbage collection requested"
+    RECONCILE_RAN = "reconcile.ran", "Host reconciled"
+    RECONCILE_ORPHAN_REMOVED = "reconcile.orphan_removed", "Orphan engine container removed"
 
 
 class Outcome(models.TextChoices):

@@ -311,4 +311,5 @@ if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", BERTH_INSTANCE):
     )
 # Docker garbage collection on each GPU host (builder cache, stopped engines, dangling images).
 BERTH_GC_INTERVAL_H = env_int("BERTH_GC_INTERVAL_H", 24, minimum=0, maximum=24 * 30)
+BERTH_RECONCILE_INTERVAL_S = env_int("BERTH_RECONCILE_INTERVAL_S", 60, minimum=5, maximum=3600)
 BERTH_STOP_TIMEOUT_S = env_int("BERTH_STOP_TIMEOUT_S", 30, minimum=1, maximum=600)

@@ -8,6 +8,7 @@ duplicate cannot fork the chain.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from rq import get_current_job
@@ -50,20 +51,38 @@ def gc_job(host_pk: int) -> dict:
     from gpus.models import Host
 
     host = Host.objects.get(pk=host_pk)
-    live = {
-        str(pk) for pk in Deployment.objects.active().filter(host=host).values_list("pk", flat=True)
-    }
-    endpoint = host.docker_endpoint
-    client = (
-        docker.DockerClient(base_url=endpoint, timeout=120)
-        if endpoint
-        else docker.from_env(timeout=120)
-    )
+    live_ids = Deployment.objects.active().filter(host=host).values_list("pk", flat=True)
+    live = {str(pk) for pk in live_ids}
+    client = _host_client(host)
     try:
         result = collect(client, live_deployments=live, host=host.name)
     finally:
         client.close()
     return {"bytes_reclaimed": result.bytes_reclaimed, "errors": result.errors}
+
+
+def reconcile_job(host_pk: int) -> dict:
+    """Reconcile one host's containers with the records (on agent start and on a schedule)."""
+    from dataclasses import asdict
+
+    from deployments.reconcile import reconcile_host
+    from gpus.models import Host
+
+    host = Host.objects.get(pk=host_pk)
+    client = _host_client(host)
+    try:
+        return asdict(reconcile_host(host, client))
+    finally:
+        client.close()
+
+
+def _host_client(host: Any) -> docker.DockerClient:
+    endpoint = host.docker_endpoint
+    return (
+        docker.DockerClient(base_url=endpoint, timeout=120)
+        if endpoint
+        else docker.from_env(timeout=120)
+    )
 
 
 def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:

@@ -101,6 +101,7 @@ class CollectorLoop(threading.Thread):
         self._stopping = threading.Event()
         self._next_compaction = time.monotonic()
         self._next_gc: float | None = None
+        self._next_reconcile = time.monotonic()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -155,6 +156,16 @@ class CollectorLoop(threading.Thread):
             get_queue(self.host.queue_name), "gpus.jobs.compact_host_history", self.host.pk
         )
         self._maybe_collect_garbage()
+        self._maybe_reconcile()
+
+    def _maybe_reconcile(self) -> None:
+        """On start and every BERTH_RECONCILE_INTERVAL_S: containers vs records, by job name."""
+        if time.monotonic() < self._next_reconcile:
+            return
+        self._next_reconcile = time.monotonic() + settings.BERTH_RECONCILE_INTERVAL_S
+        audit_jobs.enqueue(
+            get_queue(self.host.queue_name), "deployments.jobs.reconcile_job", self.host.pk
+        )
 
     def _maybe_collect_garbage(self) -> None:
         """Daily (BERTH_GC_INTERVAL_H) Docker garbage collection on this host, by job name:

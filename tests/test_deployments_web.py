@@ -262,7 +262,21 @@ def test_the_stream_sends_the_current_state_then_each_change(
     # A fresh event loop in its own thread: the browser tests' Playwright loop may be running in
     # this one.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(asyncio.run, _stream_check(alice, setup)).result(timeout=60)
+        pool.submit(asyncio.run, _closing_connections(_stream_check(alice, setup))).result(
+            timeout=60
+        )
+
+
+async def _closing_connections(check: Any) -> None:
+    """Run ``check``, then close the database connections its ORM calls opened in asgiref's
+    worker thread (PostgreSQL cannot drop a test database someone is still connected to)."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    try:
+        await check
+    finally:
+        await sync_to_async(connections.close_all)()
 
 
 async def _stream_check(alice: User, setup: dict[str, Any]) -> None:

@@ -1,0 +1,118 @@
+"""Reconciling what Docker runs on a host with what the database says should run.
+
+* A container labelled with this console's instance whose deployment is gone, no longer active,
+  or on another generation is an orphan: after a grace period, and only after reading the
+  database again, it is stopped and removed (it may hold GPU memory nobody can see).
+* A deployment that should have a container (launching past the grace period, loading, ready,
+  unhealthy) but has none becomes ``failed`` with the reason, and its GPUs are released.
+* An allocation held by a deployment that is not active is released.
+
+Everything it does is audited; a run that finds nothing to do writes one ``reconcile.ran``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+import audit
+from audit.actions import Action
+from deployments import allocation
+from deployments.launcher import fail
+from deployments.models import Deployment, GpuAllocation
+from deployments.states import ACTIVE, State
+
+GRACE = timedelta(minutes=2)  # a launch job may be between "create" and "record the id"
+EXPECT_CONTAINER = frozenset({State.LOADING, State.READY, State.UNHEALTHY})
+
+
+@dataclass
+class ReconcileResult:
+    orphans_removed: list[str] = field(default_factory=list)
+    deployments_failed: list[int] = field(default_factory=list)
+    allocations_released: int = 0
+
+
+def reconcile_host(host: Any, client: Any, *, now: datetime | None = None) -> ReconcileResult:
+    """Bring one host's containers and records into agreement (see the module docstring)."""
+    now = now or timezone.now()
+    result = ReconcileResult()
+    containers = client.containers.list(
+        all=True, filters={"label": f"berth.instance={settings.BERTH_INSTANCE}"}
+    )
+    by_deployment: dict[str, list[Any]] = {}
+    for container in containers:
+        by_deployment.setdefault(container.labels.get("berth.deployment", ""), []).append(container)
+    _remove_orphans(host, by_deployment, now, result)
+    _fail_vanished(host, by_deployment, now, result)
+    result.allocations_released = _release_stray_allocations(host)
+    audit.record(Action.RECONCILE_RAN, host=host.name, **asdict(result))
+    return result
+
+
+def _remove_orphans(
+    host: Any, by_deployment: dict[str, list[Any]], now: datetime, result: ReconcileResult
+) -> None:
+    for deployment_id, containers in by_deployment.items():
+        for container in containers:
+            if _created(container) > now - GRACE:
+                continue
+            # Read the database again right before acting: the record may have just been made.
+            live = Deployment.objects.filter(
+                pk=int(deployment_id) if deployment_id.isdigit() else -1,
+                host=host,
+                state__in=ACTIVE,
+                generation=int(container.labels.get("berth.generation", "0") or 0),
+            ).exists()
+            if live:
+                continue
+            container.remove(force=True)
+            result.orphans_removed.append(container.name)
+            audit.record(
+                Action.RECONCILE_ORPHAN_REMOVED,
+                host=host.name,
+                container=container.name,
+                deployment=deployment_id,
+                generation=container.labels.get("berth.generation"),
+            )
+
+
+def _fail_vanished(
+    host: Any, by_deployment: dict[str, list[Any]], now: datetime, result: ReconcileResult
+) -> None:
+    expected = Deployment.objects.filter(host=host, state__in=EXPECT_CONTAINER | {State.LAUNCHING})
+    for deployment in expected.select_related("host"):
+        names = {container.name for container in by_deployment.get(str(deployment.pk), [])}
+        if deployment.container_name in names:
+            continue
+        if deployment.state == State.LAUNCHING and deployment.updated > now - GRACE:
+            continue
+        allocation.release(deployment, reason="container vanished")
+        fail(
+            deployment,
+            f"the container {deployment.container_name} is gone from {host.name} "
+            "(removed outside Berth, or the host was rebuilt)",
+            [],
+        )
+        result.deployments_failed.append(deployment.pk)
+
+
+def _release_stray_allocations(host: Any) -> int:
+    stray = GpuAllocation.objects.filter(active=True, gpu__host=host).exclude(
+        deployment__state__in=ACTIVE
+    )
+    released = 0
+    for deployment in Deployment.objects.filter(pk__in=stray.values("deployment_id")):
+        released += allocation.release(deployment, reason="deployment not active")
+    return released
+
+
+def _created(container: Any) -> datetime:
+    stamp = container.attrs.get("Created", "")
+    parsed = parse_datetime(stamp[:26] + "Z" if len(stamp) > 26 else stamp)
+    return parsed or timezone.now()
