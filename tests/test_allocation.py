@@ -83,3 +83,53 @@ def test_racing_launches_never_double_book_a_gpu(tmp_path: Path) -> None:
         thread.join(timeout=60)
     assert sorted(outcomes) == ["conflict"] * (RACERS - 1) + ["won"]
     assert GpuAllocation.objects.filter(gpu=gpu, active=True).count() == 1
+
+
+CONTENDERS = 50
+FREE_GPUS = 8
+
+
+@pytest.mark.django_db(transaction=True)
+def test_fifty_launches_for_eight_free_gpus(tmp_path: Path) -> None:
+    """Each contender takes the lowest GPU it believes free and retries on conflict: exactly
+    eight win, no GPU is held twice, and every loser is told why."""
+    team = Team.objects.create(slug="team-a", name="Team A")
+    host = host_with_gpus(count=FREE_GPUS)
+    model = registered_model(team, tmp_path)
+    contenders = [deployment(team, model, host, f"d{index}") for index in range(CONTENDERS)]
+    gpus = list(host.gpus.order_by("index"))
+    start = threading.Barrier(CONTENDERS)
+    outcomes: dict[str, str] = {}
+
+    def claim(candidate) -> None:
+        try:
+            start.wait()
+            for _attempt in range(FREE_GPUS + 2):
+                held = set(
+                    GpuAllocation.objects.filter(active=True).values_list("gpu_id", flat=True)
+                )
+                free = [gpu for gpu in gpus if gpu.pk not in held]
+                if not free:
+                    outcomes[candidate.name] = "no free GPU left on gpu-01"
+                    return
+                try:
+                    reserve(candidate, free[:1])
+                except AllocationConflict as exc:
+                    outcomes[candidate.name] = str(exc)
+                    continue
+                outcomes[candidate.name] = "won"
+                return
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=claim, args=(candidate,)) for candidate in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    winners = [name for name, outcome in outcomes.items() if outcome == "won"]
+    assert len(winners) == FREE_GPUS
+    assert len(outcomes) == CONTENDERS
+    assert all(outcome for outcome in outcomes.values())  # every loser has a reason
+    active = list(GpuAllocation.objects.filter(active=True).values_list("gpu_id", flat=True))
+    assert sorted(active) == sorted(gpu.pk for gpu in gpus)  # each GPU exactly once

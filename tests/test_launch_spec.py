@@ -184,3 +184,8 @@ def test_the_real_engine_accepts_the_template_and_refuses_gpus_it_cannot_give(
     finally:
         gpu_container.remove(force=True)
         docker_client.volumes.get(spec.cache_volume).remove(force=True)
+
+
+def test_gpus_4_and_5_read_exactly_like_the_field_report() -> None:
+    spec = LaunchSpec(**{**SPEC.__dict__, "gpu_device_ids": ("4", "5")})
+    assert " --gpus '\"device=4,5\"' " in docker_run_line(container_kwargs(spec))

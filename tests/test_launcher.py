@@ -205,3 +205,29 @@ def test_a_host_port_held_by_another_program_is_skipped(stand_in, new_deployment
         assert launcher.launch(deployment, 1) == "loading"
     deployment.refresh_from_db()
     assert deployment.host_port == settings.BERTH_ENGINE_PORT_MIN + 1
+
+
+def test_container_killed_while_loading_ends_failed(
+    stand_in, new_deployment, docker_client: Any
+) -> None:
+    deployment = new_deployment(stand_in(ENGINE_LOAD_SECONDS="30"))
+    assert launcher.launch(deployment, 1) == "loading"
+    docker_client.containers.get(deployment.container_name).kill()
+    watch_until(deployment, {State.FAILED})
+    assert "exited with code 137" in deployment.last_error or "restarted" in deployment.last_error
+    assert (
+        docker_client.containers.list(all=True, filters={"name": deployment.container_name}) == []
+    )
+
+
+def test_container_removed_behind_berths_back_ends_failed(
+    stand_in, new_deployment, docker_client: Any
+) -> None:
+    deployment = new_deployment(stand_in(ENGINE_LOAD_SECONDS="30"))
+    launcher.launch(deployment, 1)
+    docker_client.containers.get(deployment.container_name).remove(force=True)
+    deployment.refresh_from_db()
+    assert launcher.watch(deployment, 1) is False
+    deployment.refresh_from_db()
+    assert deployment.state == State.FAILED
+    assert "disappeared" in deployment.last_error
