@@ -46,6 +46,7 @@ class Action(models.TextChoices):
     GC_REQUESTED = "gc.requested", "Garbage collection requested"
     RECONCILE_RAN = "reconcile.ran", "Host reconciled"
     RECONCILE_ORPHAN_REMOVED = "reconcile.orphan_removed", "Orphan engine container removed"
+    RECONCILE_JOB_RESUMED = "reconcile.job_resumed", "Lost job enqueued again"
 
 
 class Outcome(models.TextChoices):

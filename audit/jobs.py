@@ -9,6 +9,7 @@ job names the user and request that caused it::
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from functools import cache
@@ -17,12 +18,14 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections, transaction
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
 
 from audit import context
 
 META_KEY = "berth_audit_context"
+logger = logging.getLogger(__name__)
 
 
 class ContextJob(Job):
@@ -65,11 +68,21 @@ def enqueue(
 
     The id is generated here because an enqueue deferred to commit has no Job object to return
     yet; ``options`` are passed to ``Queue.enqueue`` (``job_timeout``, ``kwargs``, ``meta``...).
-    If the transaction rolls back, nothing is enqueued.
+    If the transaction rolls back, nothing is enqueued; if Redis is unreachable the error is
+    logged and the rows stay committed (reconcile enqueues the job again later).
     """
     job_id = job_id or uuid.uuid4().hex
     meta = {**options.pop("meta", {}), META_KEY: context.snapshot()}
-    transaction.on_commit(lambda: queue.enqueue(func, *args, job_id=job_id, meta=meta, **options))
+
+    def push() -> None:
+        try:
+            queue.enqueue(func, *args, job_id=job_id, meta=meta, **options)
+        except RedisError:
+            # The rows are committed; the agent's reconcile enqueues the job again once Redis is
+            # back (every job is idempotent), so the request that caused it still succeeds.
+            logger.exception("could not enqueue %s (%s); reconcile will retry", job_id, func)
+
+    transaction.on_commit(push)
     return job_id
 
 

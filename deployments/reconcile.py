@@ -36,6 +36,7 @@ class ReconcileResult:
     orphans_removed: list[str] = field(default_factory=list)
     deployments_failed: list[int] = field(default_factory=list)
     allocations_released: int = 0
+    jobs_resumed: list[str] = field(default_factory=list)
 
 
 def reconcile_host(host: Any, client: Any, *, now: datetime | None = None) -> ReconcileResult:
@@ -51,6 +52,7 @@ def reconcile_host(host: Any, client: Any, *, now: datetime | None = None) -> Re
     _remove_orphans(host, by_deployment, now, result)
     _fail_vanished(host, by_deployment, now, result)
     result.allocations_released = _release_stray_allocations(host)
+    result.jobs_resumed = _resume_lost_jobs(host, now)
     audit.record(Action.RECONCILE_RAN, host=host.name, **asdict(result))
     return result
 
@@ -85,12 +87,12 @@ def _remove_orphans(
 def _fail_vanished(
     host: Any, by_deployment: dict[str, list[Any]], now: datetime, result: ReconcileResult
 ) -> None:
-    expected = Deployment.objects.filter(host=host, state__in=EXPECT_CONTAINER | {State.LAUNCHING})
+    # Launching deployments are left to _resume_lost_jobs: their launch may not have created
+    # the container yet, and running it again is safe.
+    expected = Deployment.objects.filter(host=host, state__in=EXPECT_CONTAINER)
     for deployment in expected.select_related("host"):
         names = {container.name for container in by_deployment.get(str(deployment.pk), [])}
         if deployment.container_name in names:
-            continue
-        if deployment.state == State.LAUNCHING and deployment.updated > now - GRACE:
             continue
         allocation.release(deployment, reason="container vanished")
         fail(
@@ -100,6 +102,59 @@ def _fail_vanished(
             [],
         )
         result.deployments_failed.append(deployment.pk)
+
+
+# The job each state waits for; all are idempotent, so running one again is safe.
+WAITING_FOR = {
+    State.QUEUED: ("launch", "deployments.jobs.launch_job"),
+    State.LAUNCHING: ("launch", "deployments.jobs.launch_job"),
+    State.STOPPING: ("stop", "deployments.jobs.stop_job"),
+}
+
+
+def _resume_lost_jobs(host: Any, now: datetime) -> list[str]:
+    """Re-enqueue the job a deployment waits for when it is gone from Redis (its worker was
+    killed, or Redis lost it): the launch adopts the container it may already have created, the
+    watcher picks up where the log cursor stands."""
+    from audit.jobs import enqueue, get_queue
+    from deployments.jobs import book_watch
+
+    queue = get_queue(host.queue_name)
+    resumed = []
+    waiting = Deployment.objects.filter(
+        host=host, state__in=[*WAITING_FOR, *EXPECT_CONTAINER], updated__lt=now - GRACE
+    )
+    for deployment in waiting.select_related("host"):
+        state = State(deployment.state)
+        kind, function = WAITING_FOR.get(state, ("watch", "deployments.jobs.watch_job"))
+        job_id = f"{kind}-{deployment.pk}-{deployment.generation}"
+        if _pending(queue, job_id):
+            continue
+        if kind == "watch":
+            book_watch(deployment, delay_s=0)
+        else:
+            enqueue(
+                queue,
+                function,
+                deployment.pk,
+                deployment.generation,
+                job_id=job_id,
+                job_timeout=900,
+            )
+        audit.record(Action.RECONCILE_JOB_RESUMED, target=deployment, job=job_id, state=str(state))
+        resumed.append(job_id)
+    return resumed
+
+
+def _pending(queue: Any, job_id: str) -> bool:
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    try:
+        status = Job.fetch(job_id, connection=queue.connection).get_status()
+    except NoSuchJobError:
+        return False
+    return status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
 
 def _release_stray_allocations(host: Any) -> int:

@@ -84,3 +84,111 @@ def test_reconcile(docker_client: Any, busybox_image: str, team_a: Team, tmp_pat
                 container.remove(force=True)
             except Exception:  # noqa: S112 - removed by reconcile
                 continue
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_a_launch_whose_worker_died_runs_again_and_adopts_its_container(
+    docker_client: Any, engine_image: str, tmp_path: Path
+) -> None:
+    """The worker died after creating the container: reconcile finds the launch job gone,
+    enqueues it again, and the rerun adopts the container (still one)."""
+    from deployments import launcher
+    from deployments.models import Deployment, EngineImage
+    from tests.conftest import run_manage, subprocess_env
+    from tests.model_dirs import write_model
+
+    team = Team.objects.create(slug="team-a", name="Team A")
+    write_model(tmp_path / "team-a" / "llama")
+    model = registered_model(team, tmp_path)
+    host = host_with_gpus(count=1)
+    image = EngineImage.objects.create(
+        name="stand-in",
+        reference=engine_image,
+        gpu_capable=False,
+        cpu_capable=True,
+        health_command=["curl", "-fsS", "http://127.0.0.1:8000/health"],
+        environment={"ENGINE_LOAD_SECONDS": "1"},
+    )
+    record = Deployment.objects.create(
+        name="llama",
+        team=team,
+        model=model,
+        host=host,
+        image=image,
+        gpu_count=0,
+        state=State.LAUNCHING,
+    )
+    spec = launcher.build_spec(record, [], launcher._port(record))
+    created = launcher._create_or_adopt(docker_client, spec)  # ...and then the worker was killed
+    Deployment.objects.filter(pk=record.pk).update(updated=timezone.now() - LATER)
+    try:
+        result = reconcile_host(host, docker_client)
+        assert result.jobs_resumed == [f"launch-{record.pk}-1"]
+        assert reconcile_host(host, docker_client).jobs_resumed == []  # queued once, not twice
+        worker = run_manage("berth_worker", host.queue_name, "--burst", env=subprocess_env())
+        assert worker.returncode == 0, worker.stderr
+        record.refresh_from_db()
+        assert record.state == State.LOADING
+        assert record.container_id == created.id
+        mine = docker_client.containers.list(
+            all=True, filters={"label": f"berth.instance={settings.BERTH_INSTANCE}"}
+        )
+        assert [c.name for c in mine if c.labels.get("berth.deployment") == str(record.pk)] == [
+            spec.container_name
+        ]
+        assert AuditEvent.objects.filter(action="reconcile.job_resumed").count() == 1
+    finally:
+        created.remove(force=True)
+
+
+@pytest.mark.redis
+def test_a_launch_requested_while_redis_was_down_is_enqueued_by_reconcile(
+    docker_client: Any,
+    team_a: Team,
+    tmp_path: Path,
+    settings: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    from audit import jobs
+    from audit.jobs import get_queue
+    from deployments.models import Deployment
+    from deployments.services import DeployRequest, request_deployment
+    from tests.deployment_builders import engine_image as vllm_image
+    from tests.model_dirs import write_model
+
+    write_model(tmp_path / "team-a" / "llama")
+    model = registered_model(team_a, tmp_path)
+    host = host_with_gpus(count=1)
+    image = vllm_image()
+    image.cpu_capable = True
+    image.save()
+    working_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # Redis is down
+    jobs.redis_connection.cache_clear()
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            record = request_deployment(
+                _admin(),
+                DeployRequest(
+                    team=team_a, model=model, host=host, image=image, name="llama", gpu_count=0
+                ),
+            )
+    finally:
+        settings.REDIS_URL = working_url
+        jobs.redis_connection.cache_clear()
+    assert Deployment.objects.get(pk=record.pk).state == State.QUEUED  # committed, job not sent
+    queue = get_queue(host.queue_name)
+    queue.empty()
+    Deployment.objects.filter(pk=record.pk).update(updated=timezone.now() - LATER)
+    with django_capture_on_commit_callbacks(execute=True):
+        outcome = reconcile_host(host, docker_client)
+    assert outcome.jobs_resumed == [f"launch-{record.pk}-1"]
+    assert queue.job_ids == [f"launch-{record.pk}-1"]
+    queue.empty()
+
+
+def _admin() -> Any:
+    from accounts.models import Role, User
+
+    return User.objects.create_user("ops", password="x" * 16, role=Role.ADMIN)
