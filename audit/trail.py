@@ -105,6 +105,15 @@ def audited_transaction(
         raise
 
 
+def denial_reason(exc: Exception) -> str:
+    """A refusal as one line for the payload of an outcome-``denied`` event: each field of a
+    ``ValidationError`` with its messages, or the exception's text."""
+    messages = getattr(exc, "message_dict", None)
+    if messages:
+        return "; ".join(f"{field}: {' '.join(texts)}" for field, texts in messages.items())
+    return str(exc)
+
+
 def _checked_action(action: Action | str) -> Action:
     try:
         return Action(action)

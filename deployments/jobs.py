@@ -14,10 +14,36 @@ from django.conf import settings
 from rq import get_current_job
 
 import docker
-from audit.jobs import get_queue
+from audit.jobs import enqueue, get_queue
 from deployments import launcher
 from deployments.models import Deployment
 from deployments.states import State
+
+LAUNCH_TIMEOUT_S = 900  # creating and starting a container; the load itself is watched
+STOP_TIMEOUT_S = 600
+
+
+def enqueue_launch(deployment: Deployment) -> str:
+    """Queue the launch of the deployment's current generation on its host (on commit)."""
+    return enqueue(
+        get_queue(deployment.host.queue_name),
+        "deployments.jobs.launch_job",
+        deployment.pk,
+        deployment.generation,
+        job_id=f"launch-{deployment.pk}-{deployment.generation}",
+        job_timeout=LAUNCH_TIMEOUT_S,
+    )
+
+
+def enqueue_stop(deployment: Deployment) -> str:
+    return enqueue(
+        get_queue(deployment.host.queue_name),
+        "deployments.jobs.stop_job",
+        deployment.pk,
+        deployment.generation,
+        job_id=f"stop-{deployment.pk}-{deployment.generation}",
+        job_timeout=STOP_TIMEOUT_S,
+    )
 
 
 def launch_job(deployment_pk: int, generation: int) -> str:

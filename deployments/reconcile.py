@@ -106,9 +106,9 @@ def _fail_vanished(
 
 # The job each state waits for; all are idempotent, so running one again is safe.
 WAITING_FOR = {
-    State.QUEUED: ("launch", "deployments.jobs.launch_job"),
-    State.LAUNCHING: ("launch", "deployments.jobs.launch_job"),
-    State.STOPPING: ("stop", "deployments.jobs.stop_job"),
+    State.QUEUED: "launch",
+    State.LAUNCHING: "launch",
+    State.STOPPING: "stop",
 }
 
 
@@ -116,9 +116,14 @@ def _resume_lost_jobs(host: Any, now: datetime) -> list[str]:
     """Re-enqueue the job a deployment waits for when it is gone from Redis (its worker was
     killed, or Redis lost it): the launch adopts the container it may already have created, the
     watcher picks up where the log cursor stands."""
-    from audit.jobs import enqueue, get_queue
-    from deployments.jobs import book_watch
+    from audit.jobs import get_queue
+    from deployments.jobs import book_watch, enqueue_launch, enqueue_stop
 
+    resume = {
+        "launch": enqueue_launch,
+        "stop": enqueue_stop,
+        "watch": lambda d: book_watch(d, delay_s=0),
+    }
     queue = get_queue(host.queue_name)
     resumed = []
     waiting = Deployment.objects.filter(
@@ -126,21 +131,11 @@ def _resume_lost_jobs(host: Any, now: datetime) -> list[str]:
     )
     for deployment in waiting.select_related("host"):
         state = State(deployment.state)
-        kind, function = WAITING_FOR.get(state, ("watch", "deployments.jobs.watch_job"))
+        kind = WAITING_FOR.get(state, "watch")
         job_id = f"{kind}-{deployment.pk}-{deployment.generation}"
         if _pending(queue, job_id):
             continue
-        if kind == "watch":
-            book_watch(deployment, delay_s=0)
-        else:
-            enqueue(
-                queue,
-                function,
-                deployment.pk,
-                deployment.generation,
-                job_id=job_id,
-                job_timeout=900,
-            )
+        resume[kind](deployment)
         audit.record(Action.RECONCILE_JOB_RESUMED, target=deployment, job=job_id, state=str(state))
         resumed.append(job_id)
     return resumed

@@ -16,9 +16,10 @@ import audit
 from accounts.access import team_ids
 from accounts.models import Team
 from audit.actions import Action, Outcome
-from audit.jobs import enqueue, get_queue
+from audit.trail import denial_reason
 from deployments import planner
 from deployments.engine_args import EngineArgs, SchemaError, parse_engine_args, parse_environment
+from deployments.jobs import enqueue_launch, enqueue_stop
 from deployments.models import Deployment, EngineImage
 from deployments.states import ACTIVE, State
 
@@ -83,7 +84,7 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
             team=data.team,
             actor=user,
             name=str(data.name)[:64],
-            reason=_reason(exc),
+            reason=denial_reason(exc),
         )
         raise
     try:
@@ -96,14 +97,7 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
                 **_summary(deployment, data),
             )
             deployment.transition(State.QUEUED, message=f"queued on {deployment.host.queue_name}")
-            enqueue(
-                get_queue(deployment.host.queue_name),
-                "deployments.jobs.launch_job",
-                deployment.pk,
-                deployment.generation,
-                job_id=f"launch-{deployment.pk}-{deployment.generation}",
-                job_timeout=900,
-            )
+            enqueue_launch(deployment)
     except IntegrityError:
         raise ValidationError(
             {"name": f"team {data.team.slug} already runs a deployment named {data.name}"}
@@ -200,14 +194,7 @@ def request_stop(user: Any, deployment: Deployment) -> None:
             raise ValidationError(
                 {"state": "the deployment changed state meanwhile; reload the page"}
             )
-        enqueue(
-            get_queue(deployment.host.queue_name),
-            "deployments.jobs.stop_job",
-            deployment.pk,
-            deployment.generation,
-            job_id=f"stop-{deployment.pk}-{deployment.generation}",
-            job_timeout=600,
-        )
+        enqueue_stop(deployment)
 
 
 def request_restart(user: Any, deployment: Deployment) -> None:
@@ -238,14 +225,7 @@ def request_restart(user: Any, deployment: Deployment) -> None:
             generation=deployment.generation,
         )
         deployment.transition(State.QUEUED, message=f"generation {deployment.generation} queued")
-        enqueue(
-            get_queue(deployment.host.queue_name),
-            "deployments.jobs.launch_job",
-            deployment.pk,
-            deployment.generation,
-            job_id=f"launch-{deployment.pk}-{deployment.generation}",
-            job_timeout=900,
-        )
+        enqueue_launch(deployment)
 
 
 def _summary(deployment: Deployment, data: DeployRequest) -> dict[str, Any]:
@@ -261,9 +241,3 @@ def _summary(deployment: Deployment, data: DeployRequest) -> dict[str, Any]:
         "plan_fits": deployment.plan.get("fits"),
         "override_reason": data.override_reason[:500],
     }
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, ValidationError) and hasattr(exc, "message_dict"):
-        return "; ".join(f"{key}: {' '.join(value)}" for key, value in exc.message_dict.items())
-    return str(exc)

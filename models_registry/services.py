@@ -13,7 +13,7 @@ import audit
 from accounts.access import team_ids
 from accounts.models import Team
 from audit.actions import Action, Outcome
-from audit.trail import Target
+from audit.trail import Target, denial_reason
 from models_registry import paths
 from models_registry.inspection import Inspection, inspect_directory
 from models_registry.models import Model, ModelStatus, StorageMount
@@ -71,7 +71,7 @@ def register(user: Any, team: Team, raw_path: object) -> Model:
             outcome=Outcome.DENIED,
             team=team,
             target=Target("path", str(raw_path)[:64], str(raw_path)[:200]),
-            reason=_reason(exc),
+            reason=denial_reason(exc),
         )
         raise
     report = inspect_translation(translation, mount)
@@ -130,11 +130,3 @@ def _summary(model: Model) -> dict[str, Any]:
 def _check_member(user: Any, team: Team) -> None:
     if not (getattr(user, "is_admin", False) or team.pk in team_ids(user)):
         raise PermissionDenied(f"you are not a member of team {team.slug}")
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, ValidationError) and hasattr(exc, "message_dict"):
-        return "; ".join(
-            f"{field}: {' '.join(messages)}" for field, messages in exc.message_dict.items()
-        )
-    return str(exc)
