@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import hypothesis
 import pytest
 from django.conf import settings
 from django.db import connection
@@ -26,6 +27,13 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from accounts.models import Membership, Role, Team, User
+
+# Property tests: no per-example deadline and no "too slow" health check — on a loaded 2-core CI
+# machine the first draw of a regex strategy can take seconds, which says nothing about Berth.
+hypothesis.settings.register_profile(
+    "berth", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+hypothesis.settings.load_profile("berth")
 
 REQUIRE_SERVICES = os.environ.get("BERTH_REQUIRE_SERVICES", "") == "1"
 BASE_DIR = Path(__file__).resolve().parent.parent
