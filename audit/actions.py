@@ -40,6 +40,8 @@ class Action(models.TextChoices):
     DEPLOYMENT_STATE_CHANGED = "deployment.state_changed", "Deployment state changed"
     DEPLOYMENT_STOP_REQUESTED = "deployment.stop_requested", "Stop requested"
     DEPLOYMENT_RESTART_REQUESTED = "deployment.restart_requested", "Restart requested"
+    DEPLOYMENT_DELETE_REQUESTED = "deployment.delete_requested", "Delete requested"
+    DEPLOYMENT_DELETED = "deployment.deleted", "Deployment deleted"
     DEPLOYMENT_PLAN_OVERRIDDEN = "deployment.plan_overridden", "Plan overridden by an admin"
     ENGINE_IMAGE_SAVED = "image.saved", "Engine image allow-list changed"
     GC_RAN = "gc.ran", "Garbage collection ran"

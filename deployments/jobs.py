@@ -46,6 +46,17 @@ def enqueue_stop(deployment: Deployment) -> str:
     )
 
 
+def enqueue_delete(deployment: Deployment) -> str:
+    return enqueue(
+        get_queue(deployment.host.queue_name),
+        "deployments.jobs.delete_job",
+        deployment.pk,
+        deployment.generation,
+        job_id=f"delete-{deployment.pk}-{deployment.generation}",
+        job_timeout=STOP_TIMEOUT_S,
+    )
+
+
 def launch_job(deployment_pk: int, generation: int) -> str:
     deployment = Deployment.objects.select_related("host", "model__mount", "team", "image").get(
         pk=deployment_pk
@@ -64,6 +75,13 @@ def watch_job(deployment_pk: int, generation: int) -> bool:
     if again:
         book_watch(deployment)
     return again
+
+
+def delete_job(deployment_pk: int, generation: int) -> str:
+    deployment = Deployment.objects.filter(pk=deployment_pk).select_related("host", "team").first()
+    if deployment is None:
+        return "already deleted"
+    return launcher.delete(deployment, generation)
 
 
 def stop_job(deployment_pk: int, generation: int) -> str:

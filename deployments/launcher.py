@@ -22,7 +22,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+import audit
 import docker
+from audit.actions import Action
 from deployments import allocation
 from deployments.diagnostics import Finding, diagnose
 from deployments.launch_spec import LaunchSpec, container_kwargs
@@ -481,3 +483,32 @@ def stop(deployment: Deployment, generation: int) -> str:
     allocation.release(deployment, reason="stopped")
     deployment.transition(State.STOPPED, message="container stopped and removed")
     return "stopped"
+
+
+def delete(deployment: Deployment, generation: int) -> str:
+    """Remove the deployment's leftovers on the host (any generation's container, the cache
+    volume), then the record itself; only for a failed or stopped deployment."""
+    if deployment.generation != generation or deployment.state not in (State.FAILED, State.STOPPED):
+        return "nothing to do: the deployment was restarted meanwhile"
+    client = docker_client(deployment)
+    label = f"berth.instance={settings.BERTH_INSTANCE}"
+    removed = []
+    for container in client.containers.list(all=True, filters={"label": label}):
+        if container.labels.get("berth.deployment") == str(deployment.pk):
+            container.remove(force=True)
+            removed.append(container.name)
+    volume_name = f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"
+    with contextlib.suppress(docker.errors.NotFound):
+        client.volumes.get(volume_name).remove(force=True)
+    with transaction.atomic():
+        allocation.release(deployment, reason="deleted")
+        audit.record(
+            Action.DEPLOYMENT_DELETED,
+            target=deployment,
+            containers_removed=removed,
+            volume=volume_name,
+            generation=deployment.generation,
+            model=deployment.model.path,
+        )
+        deployment.delete()
+    return "deleted"

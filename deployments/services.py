@@ -19,7 +19,7 @@ from audit.actions import Action, Outcome
 from audit.trail import denial_reason
 from deployments import planner
 from deployments.engine_args import EngineArgs, SchemaError, parse_engine_args, parse_environment
-from deployments.jobs import enqueue_launch, enqueue_stop
+from deployments.jobs import enqueue_delete, enqueue_launch, enqueue_stop
 from deployments.models import Deployment, EngineImage
 from deployments.states import ACTIVE, State
 
@@ -195,6 +195,18 @@ def request_stop(user: Any, deployment: Deployment) -> None:
                 {"state": "the deployment changed state meanwhile; reload the page"}
             )
         enqueue_stop(deployment)
+
+
+def request_delete(user: Any, deployment: Deployment) -> None:
+    """Ask the host to remove what is left (cache volume, stray containers), then the record.
+    The audit trail keeps the deployment's history."""
+    if deployment.state not in (State.FAILED, State.STOPPED):
+        raise ValidationError(
+            {"state": "only a failed or stopped deployment can be deleted; stop it first"}
+        )
+    with transaction.atomic():
+        audit.record(Action.DEPLOYMENT_DELETE_REQUESTED, target=deployment, actor=user)
+        enqueue_delete(deployment)
 
 
 def request_restart(user: Any, deployment: Deployment) -> None:

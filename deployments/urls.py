@@ -10,4 +10,5 @@ urlpatterns = [
     path("<uuid:public_id>/stream/", views.deployment_stream, name="deployment-stream"),
     path("<uuid:public_id>/stop/", views.stop, name="deployment-stop"),
     path("<uuid:public_id>/restart/", views.restart, name="deployment-restart"),
+    path("<uuid:public_id>/delete/", views.delete, name="deployment-delete"),
 ]

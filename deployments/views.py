@@ -147,6 +147,21 @@ def restart(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
     return redirect("deployment-detail", public_id=public_id)
 
 
+@require_POST
+@role_required(Role.MEMBER)
+def delete(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
+    deployment = _load(request, public_id)
+    try:
+        services.request_delete(request.user, deployment)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("deployment-detail", public_id=public_id)
+    messages.success(
+        request, f"Deleting {deployment.name}: its cache volume is removed, then the record."
+    )
+    return redirect("deployments-index")
+
+
 def _load(request: HttpRequest, public_id: uuid.UUID) -> Deployment:
     queryset = Deployment.objects.select_related("team", "model__mount", "host", "image")
     return get_visible_or_404(queryset, request.user, public_id=public_id)
@@ -157,6 +172,7 @@ def _detail_context(deployment: Deployment) -> dict:
         "gpu"
     )
     return {
+        "gpu_memory": [_memory_bar(a.gpu) for a in allocations if a.active],
         "deployment": deployment,
         "events": deployment.events.filter(generation=deployment.generation).order_by("time", "id"),
         "allocations": allocations,
@@ -164,6 +180,26 @@ def _detail_context(deployment: Deployment) -> dict:
         "live": deployment.state in ACTIVE,
         "can_stop": deployment.state in ACTIVE - {State.STOPPING},
         "can_restart": deployment.state in (State.FAILED, State.STOPPED),
+    }
+
+
+def _memory_bar(gpu: Any) -> dict:
+    """One allocated GPU's latest reading as bar widths (percent): Berth's engines, foreign
+    processes, free."""
+    total = gpu.memory_total_mib or 0
+    berth = gpu.memory_berth_mib or 0
+    foreign = gpu.memory_foreign_mib or 0
+    if not total:
+        return {"gpu": gpu, "known": False}
+    scale = 100 / total
+    return {
+        "gpu": gpu,
+        "known": True,
+        "berth": berth * scale,
+        "foreign": foreign * scale,
+        "foreign_x": berth * scale,
+        "free_x": (berth + foreign) * scale,
+        "free": max(total - berth - foreign, 0) * scale,
     }
 
 

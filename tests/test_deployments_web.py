@@ -69,6 +69,8 @@ def test_permission_matrix(people: dict[str, User | None], setup: dict[str, Any]
         ("get", "/deployments/new/"): (200, 200, 403, 200, 302),
         ("get", f"/deployments/{deployment.public_id}/"): (200, 404, 403, 200, 302),
         ("post", f"/deployments/{deployment.public_id}/stop/"): (302, 404, 403, 302, 302),
+        ("post", f"/deployments/{deployment.public_id}/delete/"): (302, 404, 403, 302, 302),
+        ("post", f"/deployments/{deployment.public_id}/restart/"): (302, 404, 403, 302, 302),
     }
     for (method, path), expected in matrix.items():
         got = tuple(getattr(client_for(people[name]), method)(path).status_code for name in PEOPLE)
@@ -338,3 +340,43 @@ def test_engine_image_health_command_is_exec_form_only(admin: User) -> None:
     })  # fmt: skip
     assert response.status_code == 200
     assert "exec form" in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_detail_shows_allocated_gpu_memory_and_delete_only_when_finished(
+    alice: User, setup: dict[str, Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    from deployments.models import GpuAllocation
+
+    deployment = Deployment.objects.create(
+        name="tiny",
+        team=setup["team"],
+        model=setup["model"],
+        host=setup["host"],
+        image=setup["vllm"],
+        gpu_count=1,
+        state=State.READY,
+    )
+    gpu = setup["host"].gpus.get(index=2)
+    type(gpu).objects.filter(pk=gpu.pk).update(
+        memory_used_mib=40_000, memory_berth_mib=30_000, memory_foreign_mib=10_000
+    )
+    GpuAllocation.objects.create(deployment=deployment, gpu=gpu, generation=1)
+    client = client_for(alice)
+    html = client.get(f"/deployments/{deployment.public_id}/").content.decode()
+    assert "GPU memory now" in html
+    assert "GPU 2: Berth 30000 MiB, foreign 10000 MiB of 81559 MiB" in html
+    assert "/delete/" not in html  # a running deployment offers Stop, not Delete
+    response = client.post(f"/deployments/{deployment.public_id}/delete/", follow=True)
+    assert "only a failed or stopped deployment can be deleted" in response.content.decode()
+    Deployment.objects.filter(pk=deployment.pk).update(state=State.STOPPED)
+    queue = get_queue(setup["host"].queue_name)
+    queue.empty()
+    with django_capture_on_commit_callbacks(execute=True):
+        assert (
+            client.post(f"/deployments/{deployment.public_id}/delete/")["Location"]
+            == "/deployments/"
+        )
+    assert queue.job_ids == [f"delete-{deployment.pk}-1"]
+    assert AuditEvent.objects.filter(action="deployment.delete_requested").count() == 1
+    queue.empty()

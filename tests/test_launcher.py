@@ -231,3 +231,22 @@ def test_container_removed_behind_berths_back_ends_failed(
     deployment.refresh_from_db()
     assert deployment.state == State.FAILED
     assert "disappeared" in deployment.last_error
+
+
+def test_delete_removes_the_cache_volume_then_the_record(
+    stand_in, new_deployment, docker_client: Any
+) -> None:
+    from audit.models import AuditEvent
+
+    deployment = new_deployment(stand_in())
+    launcher.launch(deployment, 1)
+    volume = f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"
+    assert docker_client.volumes.list(filters={"name": volume})
+    assert launcher.delete(deployment, 1).startswith("nothing to do")  # still running
+    Deployment.objects.filter(pk=deployment.pk).update(state=State.STOPPING)
+    deployment.refresh_from_db()
+    launcher.stop(deployment, 1)
+    assert launcher.delete(deployment, 1) == "deleted"
+    assert not Deployment.objects.filter(pk=deployment.pk).exists()
+    assert not [v for v in docker_client.volumes.list(filters={"name": volume}) if v.name == volume]
+    assert AuditEvent.objects.get(action="deployment.deleted").payload["volume"] == volume
