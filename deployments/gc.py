@@ -1,8 +1,8 @@
 """Garbage collection on a GPU host: builder cache, exited Berth containers, dangling images.
 
 The builder cache is pruned by the Docker CLI run exec-style (an argument list with an absolute
-binary, a timeout, a minimal environment; never a shell — the field report's garbage collector
-used ``create_subprocess_shell``). Containers and images go through the Docker SDK. Containers
+binary, a timeout, a minimal environment; never a shell, which is what the field report's
+garbage collector got wrong). Containers and images go through the Docker SDK. Containers
 of live deployments and the images they use are never touched. The result is audited::
 
     result = collect(docker.from_env(), live_deployments={"12", "15"})

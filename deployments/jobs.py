@@ -23,38 +23,29 @@ LAUNCH_TIMEOUT_S = 900  # creating and starting a container; the load itself is 
 STOP_TIMEOUT_S = 600
 
 
-def enqueue_launch(deployment: Deployment) -> str:
-    """Queue the launch of the deployment's current generation on its host (on commit)."""
+def _enqueue_for(deployment: Deployment, kind: str, timeout_s: int) -> str:
+    """Queue ``<kind>_job`` for the deployment's current generation on its host's queue (on
+    commit), under the id reconcile looks for: ``<kind>-<pk>-<generation>``."""
     return enqueue(
         get_queue(deployment.host.queue_name),
-        "deployments.jobs.launch_job",
+        f"deployments.jobs.{kind}_job",
         deployment.pk,
         deployment.generation,
-        job_id=f"launch-{deployment.pk}-{deployment.generation}",
-        job_timeout=LAUNCH_TIMEOUT_S,
+        job_id=f"{kind}-{deployment.pk}-{deployment.generation}",
+        job_timeout=timeout_s,
     )
+
+
+def enqueue_launch(deployment: Deployment) -> str:
+    return _enqueue_for(deployment, "launch", LAUNCH_TIMEOUT_S)
 
 
 def enqueue_stop(deployment: Deployment) -> str:
-    return enqueue(
-        get_queue(deployment.host.queue_name),
-        "deployments.jobs.stop_job",
-        deployment.pk,
-        deployment.generation,
-        job_id=f"stop-{deployment.pk}-{deployment.generation}",
-        job_timeout=STOP_TIMEOUT_S,
-    )
+    return _enqueue_for(deployment, "stop", STOP_TIMEOUT_S)
 
 
 def enqueue_delete(deployment: Deployment) -> str:
-    return enqueue(
-        get_queue(deployment.host.queue_name),
-        "deployments.jobs.delete_job",
-        deployment.pk,
-        deployment.generation,
-        job_id=f"delete-{deployment.pk}-{deployment.generation}",
-        job_timeout=STOP_TIMEOUT_S,
-    )
+    return _enqueue_for(deployment, "delete", STOP_TIMEOUT_S)
 
 
 def launch_job(deployment_pk: int, generation: int) -> str:
