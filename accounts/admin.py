@@ -54,14 +54,24 @@ class BerthUserAdmin(UserAdmin):
 
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "created"]
     search_fields = ["name", "slug"]
     inlines = [MembershipInline]
 
+    list_display = ["name", "slug", "gpu_quota", "created"]
+
     def save_model(self, request: Any, obj: Team, form: Any, change: bool) -> None:
+        old_quota = (
+            Team.objects.filter(pk=obj.pk).values_list("gpu_quota", flat=True).first()
+            if change
+            else None
+        )
         super().save_model(request, obj, form, change)
         if not change:
             audit.record(Action.TEAM_CREATED, target=obj, team=obj, slug=obj.slug, name=obj.name)
+        elif old_quota != obj.gpu_quota:
+            audit.record(
+                Action.TEAM_QUOTA_CHANGED, target=obj, team=obj, old=old_quota, new=obj.gpu_quota
+            )
 
     def save_formset(self, request: Any, form: Any, formset: Any, change: bool) -> None:
         """Membership changes go through the audited services."""

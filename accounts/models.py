@@ -69,6 +69,11 @@ class Team(models.Model):
     slug = models.CharField(max_length=64, unique=True, validators=[slug_validator])
     name = models.CharField(max_length=100)
     description = models.TextField(blank=True)
+    gpu_quota = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="GPUs the team's deployments may hold at once (empty: no limit)",
+    )
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -17,6 +17,7 @@ class Action(models.TextChoices):
     TEAM_CREATED = "team.created", "Team created"
     TEAM_MEMBER_ADDED = "team.member_added", "Team member added"
     TEAM_MEMBER_REMOVED = "team.member_removed", "Team member removed"
+    TEAM_QUOTA_CHANGED = "team.quota_changed", "Team GPU quota changed"
     # The audit trail itself
     AUDIT_VERIFY_REQUESTED = "audit.verify_requested", "Chain verification requested"
     AUDIT_VERIFIED = "audit.verified", "Chain verified"

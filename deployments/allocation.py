@@ -26,6 +26,36 @@ class AllocationConflict(Exception):
     """A requested GPU is held by another deployment (nothing was reserved)."""
 
 
+class QuotaExceeded(AllocationConflict):
+    """The team would hold more GPUs than its quota allows (nothing was reserved)."""
+
+
+def team_gpus_in_use(team_id: int, *, exclude_deployment: int | None = None) -> int:
+    held = GpuAllocation.objects.filter(active=True, deployment__team_id=team_id)
+    if exclude_deployment is not None:
+        held = held.exclude(deployment_id=exclude_deployment)
+    return held.count()
+
+
+def check_quota(deployment: Deployment, wanted: int, *, lock: bool = False) -> None:
+    """Raise :class:`QuotaExceeded` if the team's GPUs in use plus ``wanted`` pass its quota.
+    With ``lock`` (inside the reserving transaction) the team row is locked first, so two
+    launches of one team cannot both pass the check (PostgreSQL row lock; SQLite's IMMEDIATE
+    transactions are serialized already)."""
+    from accounts.models import Team
+
+    teams = Team.objects.select_for_update() if lock else Team.objects
+    team = teams.get(pk=deployment.team_id)
+    if team.gpu_quota is None:
+        return
+    in_use = team_gpus_in_use(team.pk, exclude_deployment=deployment.pk)
+    if in_use + wanted > team.gpu_quota:
+        raise QuotaExceeded(
+            f"quota exceeded: team {team.slug} uses {in_use} of {team.gpu_quota} GPUs "
+            f"and this deployment needs {wanted}; stop another deployment or ask an admin for more"
+        )
+
+
 def reserve(deployment: Deployment, gpus: Sequence[Any]) -> list[GpuAllocation]:
     """Hold ``gpus`` for the deployment's current generation, all or none."""
     from gpus.models import Gpu
@@ -34,6 +64,7 @@ def reserve(deployment: Deployment, gpus: Sequence[Any]) -> list[GpuAllocation]:
     try:
         with transaction.atomic():
             list(Gpu.objects.select_for_update().filter(pk__in=ids).order_by("pk"))
+            check_quota(deployment, len(ids), lock=True)
             held = GpuAllocation.objects.filter(gpu_id__in=ids, active=True).exclude(
                 deployment=deployment
             )

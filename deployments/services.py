@@ -169,6 +169,7 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
             reasons=list(result.reasons)[-3:],
         )
     tp = result.tensor_parallel_size or data.gpu_count or result.per_gpu_tensor_parallel_size or 1
+    _check_team_quota(data.team, tp)
     plan_json = {
         **result.as_json(),
         "gpu_memory_utilization": args.gpu_memory_utilization
@@ -180,6 +181,21 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
         "engine_ready_timeout_s": result.startup.engine_ready_timeout_s,
     }
     return tp, tp, plan_json, timers
+
+
+def _check_team_quota(team: Team, wanted: int) -> None:
+    """Refuse a plan the team's GPU quota cannot hold (checked again when reserving)."""
+    from deployments.allocation import team_gpus_in_use
+
+    if team.gpu_quota is not None:
+        in_use = team_gpus_in_use(team.pk)
+        if in_use + wanted > team.gpu_quota:
+            raise ValidationError(
+                {
+                    "gpu_count": f"quota exceeded: team {team.slug} uses {in_use} of "
+                    f"{team.gpu_quota} GPUs and this plan needs {wanted}"
+                }
+            )
 
 
 def request_stop(user: Any, deployment: Deployment) -> None:

@@ -93,3 +93,21 @@ def test_role_change_in_the_admin_is_audited_and_moves_staff_rights(
     assert (alice.role, alice.is_staff) == ("auditor", False)
     event = AuditEvent.objects.get(action="account.role_changed")
     assert event.payload == {"old": "member", "new": "auditor"}
+
+
+def test_team_quota_change_is_audited(admin: User, team_a: Team) -> None:
+    client = Client()
+    client.force_login(admin)
+    response = client.post(
+        f"/admin/accounts/team/{team_a.pk}/change/",
+        {
+            "slug": "team-a",
+            "name": "Team A",
+            "description": "",
+            "gpu_quota": "8",
+            **_inline("memberships", []),
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    event = AuditEvent.objects.get(action="team.quota_changed")
+    assert event.payload == {"old": None, "new": 8}

@@ -380,3 +380,16 @@ def test_detail_shows_allocated_gpu_memory_and_delete_only_when_finished(
     assert queue.job_ids == [f"delete-{deployment.pk}-1"]
     assert AuditEvent.objects.filter(action="deployment.delete_requested").count() == 1
     queue.empty()
+
+
+@pytest.mark.django_db
+def test_a_plan_past_the_team_quota_is_refused_with_the_numbers(
+    alice: User, setup: dict[str, Any]
+) -> None:
+    setup["team"].gpu_quota = 0
+    setup["team"].save()
+    response = client_for(alice).post("/deployments/new/", form_data(setup))
+    errors = " ".join(response.context["form"].errors["gpu_count"])
+    assert "quota exceeded: team team-a uses 0 of 0 GPUs and this plan needs 1" in errors
+    assert not Deployment.objects.exists()
+    assert AuditEvent.objects.get(action="deployment.launch_requested").outcome == "denied"
