@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from axes.signals import user_locked_out
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
 
@@ -31,3 +32,19 @@ def audit_login_failed(
     # Django already masks the password in ``credentials``; only the attempted name is kept.
     attempted = str(credentials.get("username", ""))[:MAX_ATTEMPTED_NAME]
     audit.record(Action.AUTH_LOGIN_FAILED, outcome=Outcome.DENIED, attempted_username=attempted)
+
+
+@receiver(user_locked_out)
+def audit_lockout(
+    sender: Any,
+    request: Any = None,
+    username: str | None = None,
+    ip_address: str | None = None,
+    **kwargs: Any,
+) -> None:
+    audit.record(
+        Action.AUTH_LOCKED_OUT,
+        outcome=Outcome.DENIED,
+        attempted_username=str(username or "")[:MAX_ATTEMPTED_NAME],
+        address=ip_address or "",
+    )

@@ -11,6 +11,7 @@ class Action(models.TextChoices):
     AUTH_LOGIN = "auth.login", "Signed in"
     AUTH_LOGOUT = "auth.logout", "Signed out"
     AUTH_LOGIN_FAILED = "auth.login_failed", "Sign-in failed"
+    AUTH_LOCKED_OUT = "auth.locked_out", "Sign-in locked after repeated failures"
     ACCOUNT_ADMIN_CREATED = "account.admin_created", "First admin account created"
     ACCOUNT_CREATED = "account.created", "Account created"
     ACCOUNT_ROLE_CHANGED = "account.role_changed", "Account role changed"

@@ -11,14 +11,14 @@ from accounts.models import User
 from audit.jobs import enqueue
 from audit.models import AuditEvent
 from config.queues import get_queue
-from tests.conftest import PASSWORD, run_manage, subprocess_env
+from tests.conftest import run_manage, subprocess_env
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
 
 def test_event_in_a_job_carries_the_requesting_user_and_request_id(carol: User) -> None:
     client = Client()
-    assert client.login(username="carol", password=PASSWORD)
+    client.force_login(carol)
     response = client.post("/audit/verify/")
     assert response.status_code == 302
     request_id = response["X-Request-ID"]

@@ -69,3 +69,25 @@ def test_behind_one_proxy_the_last_forwarded_address_is_the_client(alice: User, 
     event = AuditEvent.objects.get(action="auth.login")
     assert event.client_ip == "192.0.2.44"
     assert event.request_id == response["X-Request-ID"] == "edge-1234abcd"
+
+
+def test_repeated_failures_lock_that_username_from_that_address_only(
+    alice: User, bob: User
+) -> None:
+    attacker = Client(REMOTE_ADDR="10.9.9.9")
+
+    def attempt(client: Client, username: str, password: str) -> int:
+        return client.post(
+            "/accounts/login/", {"username": username, "password": password}
+        ).status_code
+
+    assert [attempt(attacker, "alice", "guess-1234567") for _ in range(4)] == [200] * 4
+    assert attempt(attacker, "alice", "guess-1234567") == 429  # the fifth failure locks
+    locked = attacker.post("/accounts/login/", {"username": "alice", "password": PASSWORD})
+    assert locked.status_code == 429  # even the right password, for the cool-off time
+    assert "Too many failed sign-ins" in locked.content.decode()
+    event = AuditEvent.objects.filter(action="auth.locked_out").first()
+    assert (event.outcome, event.payload["attempted_username"]) == ("denied", "alice")
+    # Another user from the same address, and alice from her own address, still get in.
+    assert attempt(attacker, "bob", PASSWORD) == 302
+    assert attempt(Client(REMOTE_ADDR="10.1.1.1"), "alice", PASSWORD) == 302
