@@ -27,6 +27,8 @@ class Action(models.TextChoices):
     MODEL_INSPECTED = "model.inspected", "Model inspected"
     MODEL_REMOVED = "model.removed", "Model removed"
     MODEL_MISSING = "model.missing", "Model vanished from disk"
+    MODEL_REMOTE_CODE_APPROVED = "model.remote_code_approved", "Remote code approved"
+    MODEL_REMOTE_CODE_REVOKED = "model.remote_code_revoked", "Remote-code approval revoked"
     MODELS_SYNCED = "models.synced", "Storage mount synced"
     MODELS_SYNC_REQUESTED = "models.sync_requested", "Storage sync requested"
     STORAGE_MOUNT_SAVED = "storage.mount_saved", "Storage mount saved"

@@ -48,6 +48,10 @@ class DeployForm(forms.Form):
     enforce_eager = forms.BooleanField(
         required=False, help_text="Skip CUDA graphs: faster start, slower decode"
     )
+    trust_remote_code = forms.BooleanField(
+        required=False,
+        help_text="Run the model's own Python code; only for models an admin approved",
+    )
     environment = forms.CharField(
         required=False,
         widget=forms.Textarea(attrs={"rows": 3}),
@@ -98,5 +102,6 @@ class DeployForm(forms.Form):
             else data["kv_cache_dtype"],
             "dtype": None if data.get("dtype") in (None, "auto") else data["dtype"],
             "enforce_eager": True if data.get("enforce_eager") else None,
+            "trust_remote_code": True if data.get("trust_remote_code") else None,
         }
         return {key: value for key, value in args.items() if value is not None}

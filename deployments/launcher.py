@@ -27,6 +27,7 @@ import docker
 from audit.actions import Action
 from deployments import allocation
 from deployments.diagnostics import Finding, diagnose
+from deployments.engine_args import SchemaError
 from deployments.launch_spec import LaunchSpec, container_kwargs
 from deployments.models import Deployment, DeploymentEvent, EventKind
 from deployments.states import State
@@ -156,7 +157,10 @@ def _start_on_a_free_port(
     the container and try the next port (Berth only knows its own engines' ports)."""
     taken: set[int] = set()
     for _attempt in range(PORT_ATTEMPTS):
-        spec = build_spec(deployment, gpus, _port(deployment, taken))
+        try:
+            spec = build_spec(deployment, gpus, _port(deployment, taken))
+        except SchemaError as exc:  # e.g. remote-code approval revoked since the request
+            raise LaunchFailure(f"the deployment's settings are no longer allowed: {exc}") from None
         try:
             return spec, _create_or_adopt(client, spec)
         except LaunchFailure as exc:
@@ -197,7 +201,10 @@ def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> Launch
     from deployments.engine_args import parse_engine_args, parse_environment
 
     where = deployment.model.translation()
-    args = parse_engine_args(deployment.engine_args, trust_remote_code_allowed=False)
+    # Checked again here: an approval revoked after the request stops the launch.
+    args = parse_engine_args(
+        deployment.engine_args, trust_remote_code_allowed=deployment.model.remote_code_approved
+    )
     max_model_len = args.max_model_len or deployment.plan.get("max_model_len")
     utilization = args.gpu_memory_utilization or deployment.plan.get("gpu_memory_utilization")
     extra = _drop_values(args.as_argv(), ("--max-model-len", "--gpu-memory-utilization"))

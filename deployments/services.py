@@ -119,7 +119,9 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
         errors["image"] = "this image is not on the allow-list any more"
     args, environment = EngineArgs(), {}
     try:
-        args = parse_engine_args(data.engine_args, trust_remote_code_allowed=False)
+        args = parse_engine_args(
+            data.engine_args, trust_remote_code_allowed=data.model.remote_code_approved
+        )
     except SchemaError as exc:
         errors.update(exc.errors)
     try:

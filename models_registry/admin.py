@@ -46,9 +46,39 @@ class StorageMountAdmin(admin.ModelAdmin):
 class ModelAdmin(admin.ModelAdmin):
     """Read-only: registering and re-inspecting go through the console's audited pages."""
 
-    list_display = ["path", "team", "status", "architecture", "parameter_count", "inspected_at"]
-    list_filter = ["status", "team", "mount"]
+    list_display = [
+        "path",
+        "team",
+        "status",
+        "architecture",
+        "parameter_count",
+        "remote_code_approved",
+        "inspected_at",
+    ]
+    list_filter = ["status", "team", "mount", "remote_code_approved"]
     search_fields = ["path", "architecture"]
+    actions = ["approve_remote_code", "revoke_remote_code"]
+
+    @admin.action(description="Approve remote code (--trust-remote-code) after reviewing it")
+    def approve_remote_code(self, request: Any, queryset: Any) -> None:
+        self._set_remote_code(request, queryset, approved=True)
+
+    @admin.action(description="Revoke remote-code approval")
+    def revoke_remote_code(self, request: Any, queryset: Any) -> None:
+        self._set_remote_code(request, queryset, approved=False)
+
+    def _set_remote_code(self, request: Any, queryset: Any, *, approved: bool) -> None:
+        for model in queryset:
+            Model.objects.filter(pk=model.pk).update(remote_code_approved=approved)
+            audit.record(
+                Action.MODEL_REMOTE_CODE_APPROVED if approved else Action.MODEL_REMOTE_CODE_REVOKED,
+                target=model,
+                path=model.path,
+            )
+        self.message_user(
+            request,
+            f"{'Approved' if approved else 'Revoked'} remote code for {queryset.count()} model(s).",
+        )
 
     def has_add_permission(self, request: Any) -> bool:
         return False

@@ -161,6 +161,9 @@ class Model(models.Model):
     files = models.JSONField(default=list, blank=True)
     config = models.JSONField(default=dict, blank=True)
     fingerprint = models.CharField(max_length=64, blank=True)
+    # vLLM's --trust-remote-code runs Python shipped with the model: only after an admin has
+    # reviewed that code (Admin → Models → "Approve remote code"; audited).
+    remote_code_approved = models.BooleanField(default=False)
     inspected_at = models.DateTimeField(null=True, blank=True)
     registered_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

@@ -393,3 +393,28 @@ def test_a_plan_past_the_team_quota_is_refused_with_the_numbers(
     assert "quota exceeded: team team-a uses 0 of 0 GPUs and this plan needs 1" in errors
     assert not Deployment.objects.exists()
     assert AuditEvent.objects.get(action="deployment.launch_requested").outcome == "denied"
+
+
+@pytest.mark.django_db
+def test_remote_code_only_for_models_an_admin_approved(
+    alice: User, admin: User, setup: dict[str, Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    response = client_for(alice).post("/deployments/new/", form_data(setup, trust_remote_code="on"))
+    assert "not approved for remote code" in " ".join(
+        response.context["form"].errors["trust_remote_code"]
+    )
+    admin_client = client_for(admin)
+    admin_client.post("/admin/models_registry/model/", {
+        "action": "approve_remote_code", "_selected_action": [setup["model"].pk],
+    })  # fmt: skip
+    assert AuditEvent.objects.get(action="model.remote_code_approved").target_id == str(
+        setup["model"].pk
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for(alice).post(
+            "/deployments/new/", form_data(setup, trust_remote_code="on")
+        )
+    assert response.status_code == 302
+    deployment = Deployment.objects.get()
+    assert deployment.engine_args["trust_remote_code"] is True
+    get_queue(setup["host"].queue_name).empty()

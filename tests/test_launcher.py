@@ -115,8 +115,13 @@ def test_launch_loads_becomes_ready_and_stops_cleanly(
     watch_until(deployment, {State.READY})
     states = list(deployment.events.filter(kind="state").values_list("state", flat=True))
     assert states == ["launching", "loading", "ready"]
-    progress = list(deployment.events.filter(kind="progress").values_list("message", flat=True))
-    assert "server started" in progress
+    # The engine may answer /health a moment before it prints its last line: keep watching.
+    end = time.monotonic() + DEADLINE_S
+    while not deployment.events.filter(kind="progress", message="server started").exists():
+        assert time.monotonic() < end, deployment.log_tail[-5:]
+        launcher.watch(deployment, 1)
+        deployment.refresh_from_db()
+        time.sleep(0.1)
     assert any(line.endswith("Application startup complete.") for line in deployment.log_tail)
     container = docker_client.containers.get(deployment.container_name)
     assert container.labels["berth.deployment"] == str(deployment.pk)
@@ -250,3 +255,18 @@ def test_delete_removes_the_cache_volume_then_the_record(
     assert not Deployment.objects.filter(pk=deployment.pk).exists()
     assert not [v for v in docker_client.volumes.list(filters={"name": volume}) if v.name == volume]
     assert AuditEvent.objects.get(action="deployment.deleted").payload["volume"] == volume
+
+
+def test_a_revoked_remote_code_approval_stops_the_launch_cleanly(
+    stand_in, new_deployment, docker_client: Any
+) -> None:
+    deployment = new_deployment(stand_in())
+    Deployment.objects.filter(pk=deployment.pk).update(engine_args={"trust_remote_code": True})
+    deployment.refresh_from_db()
+    assert launcher.launch(deployment, 1).startswith("failed")
+    deployment.refresh_from_db()
+    assert deployment.state == State.FAILED
+    assert "not approved for remote code" in deployment.last_error
+    assert (
+        docker_client.containers.list(all=True, filters={"name": deployment.container_name}) == []
+    )
