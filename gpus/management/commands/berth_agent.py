@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 from redis.exceptions import RedisError
-from rq import Worker
+from rq import SimpleWorker
 
 from audit.jobs import ContextJob, get_queue, redis_connection
 from gpus.agent import CollectorLoop, collect_round
@@ -86,14 +86,19 @@ class Command(BaseCommand):
                 f"Redis is not reachable at REDIS_URL={settings.REDIS_URL}: {exc}"
             ) from None
         loop = CollectorLoop(host, interval_s=interval_s, sources=sources)
-        worker = Worker([get_queue(host.queue_name)], connection=connection, job_class=ContextJob)
+        # Jobs run in this process (SimpleWorker), not in a forked work horse: the collector and
+        # heartbeat threads are running, and fork() in a threaded process can copy a lock some
+        # thread holds (logging, a connection pool) and hang the child forever. Host jobs are
+        # short (launch, watch, stop, reconcile, GC); job timeouts still apply.
+        worker = SimpleWorker(
+            [get_queue(host.queue_name)], connection=connection, job_class=ContextJob
+        )
         self.stdout.write(
             f"Berth agent for {host.name}: worker on {host.queue_name}, "
             f"collecting every {interval_s:g} s"
         )
         self.stdout.flush()
         loop.start()
-        # The work horse is forked per job: it must not inherit this thread's DB socket.
         connections.close_all()
         try:
             worker.work(with_scheduler=True, logging_level=settings.LOG_LEVEL)
