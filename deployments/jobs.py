@@ -112,12 +112,9 @@ def reconcile_job(host_pk: int) -> dict:
 
 
 def _host_client(host: Any) -> docker.DockerClient:
-    endpoint = host.docker_endpoint
-    return (
-        docker.DockerClient(base_url=endpoint, timeout=120)
-        if endpoint
-        else docker.from_env(timeout=120)
-    )
+    from gpus.collectors import docker_client
+
+    return docker_client(host.docker_endpoint)
 
 
 def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:

@@ -68,10 +68,10 @@ class Health:
 
 
 def docker_client(deployment: Deployment) -> docker.DockerClient:
-    endpoint = deployment.host.docker_endpoint
-    if endpoint:
-        return docker.DockerClient(base_url=endpoint, timeout=60)
-    return docker.from_env(timeout=60)
+    """The Docker engine of the deployment's host (the same client the host's agent uses)."""
+    from gpus.collectors import docker_client as host_docker_client
+
+    return host_docker_client(deployment.host.docker_endpoint)
 
 
 # --- launch ---------------------------------------------------------------------------------
