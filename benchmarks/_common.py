@@ -10,7 +10,11 @@ Every benchmark script prints a human table and then, as its LAST line, one JSON
         durations_ms = [...]
         stats = summary(durations_ms)     # {"n", "median", "p50", "p95", "p99", "min", "max", ...}
         print_table([("reserve", stats["p50"], stats["p95"])], ("what", "p50 ms", "p95 ms"))
-        emit_json("allocation_race", {"database": vendor, "reserve_ms": stats})
+        emit_json("allocation_race", {"database": vendor, "reserve_ms": stats,
+                  "targets": [target("reserve p95", stats["p95"], "<= 50 ms", stats["p95"] <= 50)]})
+
+A payload's optional ``targets`` list (built with ``target()``) is what ``run.py``'s final
+summary shows as pass/fail; a script without it is shown as "ran" / "failed".
 
 The scripts run from a checkout (``python benchmarks/x.py``), so importing this module puts the
 repository root on ``sys.path``.
@@ -109,6 +113,12 @@ def emit_json(name: str, payload: dict[str, Any]) -> None:
     """Print the script's result as one JSON line (``{"benchmark": name, ...}``); must be the
     last line the script prints — ``run.py`` takes the last line that parses as JSON."""
     print(json.dumps({"benchmark": name, **payload}, default=str), flush=True)
+
+
+def target(what: str, figure: Any, goal: str, ok: bool | None) -> dict[str, Any]:
+    """One checked figure for the summary: ``target("p95 per decision", 3.1, "<= 50 ms", True)``.
+    ``ok`` None means recorded only (no target)."""
+    return {"what": what, "figure": figure, "goal": goal, "ok": ok}
 
 
 # --- machine -------------------------------------------------------------------------------------
