@@ -24,7 +24,9 @@ SQLite file of its own under ``var/bench/`` (named after the script and the proc
 benchmark never clobbers a test run's ``var/berth-test.sqlite3``). ``postgres_url()`` is the
 PostgreSQL server benchmarks use (``$BENCH_POSTGRES_URL``, default ``postgres://postgres@
 127.0.0.1:5432/berth_bench``); ``throwaway_database()`` creates Django's ``test_<name>`` copy of
-it and drops it afterwards, so the named database itself need not exist.
+it and drops it afterwards, so the named database itself need not exist. Redis is
+``redis_url()`` (``$BENCH_REDIS_URL``, default database 15 on the local server), never
+``$REDIS_URL``: a benchmark may flush its Redis database.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ if str(BASE_DIR) not in sys.path:
     sys.path.insert(0, str(BASE_DIR))
 
 DEFAULT_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/berth_bench"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -179,8 +181,7 @@ def _redis_version() -> str | None:
     with suppress(Exception):
         import redis
 
-        url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
-        client = redis.Redis.from_url(url, socket_connect_timeout=3)
+        client = redis.Redis.from_url(redis_url(), socket_connect_timeout=3)
         return client.info("server")["redis_version"]
     return None
 
@@ -222,6 +223,11 @@ def postgres_url() -> str:
     return os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL)
 
 
+def redis_url() -> str:
+    """The Redis database benchmarks use (and may flush): ``$BENCH_REDIS_URL`` or db 15."""
+    return os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+
+
 def database_url_for(choice: str) -> str | None:
     """``sqlite`` -> None (a private SQLite file), ``postgres`` -> ``postgres_url()``, else the
     value itself as a URL — for a ``--database`` flag."""
@@ -236,7 +242,8 @@ def setup_django(database_url: str | None = None) -> None:
     """Configure and set up Django for a benchmark process (once, before importing models).
 
     The database is ``database_url``, else ``$DATABASE_URL``, else a SQLite file private to this
-    process under ``var/bench/``. Child processes inherit it through ``os.environ``.
+    process under ``var/bench/``; Redis is ``redis_url()``. Child processes inherit both
+    through ``os.environ``.
     """
     import django
 
@@ -245,6 +252,7 @@ def setup_django(database_url: str | None = None) -> None:
         database_url = f"sqlite:///{BASE_DIR / 'var' / 'bench' / f'{script}-{os.getpid()}.sqlite3'}"
     if database_url is not None:
         os.environ["DATABASE_URL"] = database_url
+    os.environ["REDIS_URL"] = redis_url()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     django.setup()
 
