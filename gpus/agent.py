@@ -53,10 +53,13 @@ def collect_round(
 def _client(host: Host, client: Any) -> tuple[Any, str]:
     if client is not None:
         return client, ""
+    made = None
     try:
         made = docker_client(host.docker_endpoint)
         made.ping()
     except Exception as exc:  # docker raises several unrelated types when the engine is absent
+        if made is not None:
+            made.close()  # the failed ping's connection pool would otherwise leak a socket
         endpoint = host.docker_endpoint or "the local engine"
         return None, f"Docker is not reachable at {endpoint}: {exc}"[:500]
     return made, ""

@@ -404,3 +404,17 @@ def browser_login(page: Any, username: str, password: str = PASSWORD) -> None:
 
 
 from tests.engine_image import engine_image  # noqa: E402, F401  (the stand-in vLLM image)
+
+
+@pytest.fixture
+def no_nvidia_driver() -> None:
+    """For tests of how Berth fails on a machine without NVIDIA's driver (like CI): they skip
+    on a GPU host, where the real library loads."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return
+    pynvml.nvmlShutdown()
+    pytest.skip("this machine has an NVIDIA driver; the test checks the behaviour without one")

@@ -85,8 +85,9 @@ def test_nvml_falls_back_to_v1_memory_on_old_drivers() -> None:
     assert gpu.memory_used_mib == 21933
 
 
+@pytest.mark.usefixtures("no_nvidia_driver")
 def test_nvml_without_the_library_fails_cleanly() -> None:
-    # This machine has no NVIDIA driver: the real pynvml raises NVMLError_LibraryNotFound.
+    # Without NVIDIA's driver the real pynvml raises NVMLError_LibraryNotFound.
     with (
         mock.patch.object(collectors, "NVML", Nvml()),
         pytest.raises(CollectorError, match="NVMLError_LibraryNotFound"),
@@ -94,6 +95,7 @@ def test_nvml_without_the_library_fails_cleanly() -> None:
         collectors.read_nvml()
 
 
+@pytest.mark.usefixtures("no_nvidia_driver")
 def test_every_source_failing_gives_no_inventory_and_every_error() -> None:
     with mock.patch.object(collectors.shutil, "which", autospec=True, return_value=None):
         result = collect(sources=(Source.NVML, Source.SMI_CSV, Source.SMI_XML))

@@ -187,6 +187,7 @@ def test_history_is_rolled_up_and_expired(host: Host, settings: Any) -> None:
     assert inventory.compact_history(host, NOW) == {"rolled_up": 0, "rollups": 0, "expired": 0}
 
 
+@pytest.mark.usefixtures("no_nvidia_driver")
 def test_agent_once_on_this_machine_reports_unavailable(host: Host, capsys: Any) -> None:
     with pytest.raises(CommandError, match="inventory unavailable on gpu-01"):
         call_command(
