@@ -47,6 +47,7 @@ class Action(models.TextChoices):
     DEPLOYMENT_DELETE_REQUESTED = "deployment.delete_requested", "Delete requested"
     DEPLOYMENT_DELETED = "deployment.deleted", "Deployment deleted"
     DEPLOYMENT_PLAN_OVERRIDDEN = "deployment.plan_overridden", "Plan overridden by an admin"
+    DEPLOYMENT_PREWARMED = "deployment.prewarmed", "Model files prewarmed into the page cache"
     ENGINE_IMAGE_SAVED = "image.saved", "Engine image allow-list changed"
     GC_RAN = "gc.ran", "Garbage collection ran"
     GC_REQUESTED = "gc.requested", "Garbage collection requested"

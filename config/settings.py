@@ -332,3 +332,11 @@ if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", BERTH_INSTANCE):
 BERTH_GC_INTERVAL_H = env_int("BERTH_GC_INTERVAL_H", 24, minimum=0, maximum=24 * 30)
 BERTH_RECONCILE_INTERVAL_S = env_int("BERTH_RECONCILE_INTERVAL_S", 60, minimum=5, maximum=3600)
 BERTH_STOP_TIMEOUT_S = env_int("BERTH_STOP_TIMEOUT_S", 30, minimum=1, maximum=600)
+# Page-cache prewarm of a model's weights while its container starts (deployments/prewarm.py):
+# auto = on for network and object storage mounts; skipped when the weights exceed this fraction
+# of the host's available memory (vLLM's own auto-prefetch uses 90%, vllm.md §4.3).
+BERTH_PREWARM = env_choice("BERTH_PREWARM", ("auto", "on", "off"), "auto")
+BERTH_PREWARM_RAM_FRACTION = env_float(
+    "BERTH_PREWARM_RAM_FRACTION", 0.8, minimum=0.05, maximum=0.95
+)
+BERTH_PREWARM_THREADS = env_int("BERTH_PREWARM_THREADS", 4, minimum=1, maximum=64)

@@ -42,6 +42,9 @@ SERVER_OWNED = {
     "served_model_name": "set it in the deployment's name field",
     "tool_server": "it lets the engine call out to other servers",
     "lora_modules": "adapters must be registered models",
+    "load_format": "Berth chooses the loader from the storage kind of the model's mount",
+    "safetensors_load_strategy": "Berth chooses it from the storage kind of the model's mount",
+    "model_loader_extra_config": "Berth sets the loader's settings with the load format",
 }
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")

@@ -14,6 +14,8 @@ hard way (``--gpus '"device=4,5"'``), so a human can reproduce a launch exactly:
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,16 @@ LABEL_PREFIX = "berth."
 LOG_CONFIG = {"type": "json-file", "config": {"max-size": "100m", "max-file": "3"}}
 PIDS_LIMIT = 4096  # vLLM with TP=8 runs a few hundred threads; this stops fork bombs only
 RESTART_RETRIES = 2  # Docker restarts a crashed engine this often; Berth detects the loop
+
+# The first vLLM release known to accept each load lever. Conservative: the minor release after
+# the pull request merged, so an older engine is never handed a flag its parser refuses.
+SAFETENSORS_EAGER_SINCE = (0, 11)  # --safetensors-load-strategy eager: vllm PR #24469, Sep 2025
+SAFETENSORS_PREFETCH_SINCE = (0, 18)  # ... prefetch (into the page cache): vllm PR #36012, Mar 2026
+RUNAI_STREAMER_SINCE = (0, 11)  # --load-format runai_streamer, streamer shipped in the image
+# Run:ai's benchmark reached the storage's limit at concurrency 8-16 on SSD volumes
+# (performance.md §1.3); object stores have more latency to hide, so more requests in flight.
+RUNAI_CONCURRENCY = {"network": 16, "object": 32}
+IMAGE_VERSION = re.compile(r":v?(\d+)\.(\d+)(?:\.\d+)?(?:[-.+][A-Za-z0-9_.-]*)?(?:@|$)")
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class LaunchSpec:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
+    load_args: tuple[str, ...] = ()  # admin-owned, from the storage kind (load_strategy)
     engine_args: tuple[str, ...] = ()  # further typed flags, already rendered to a list
     environment: Mapping[str, str] = field(default_factory=dict)  # allow-listed names only
     shm_size_bytes: int = 8 * 1024**3
@@ -86,7 +99,64 @@ def engine_command(spec: LaunchSpec) -> list[str]:
         command += ["--max-model-len", str(spec.max_model_len)]
     if spec.gpu_memory_utilization is not None:
         command += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
-    return command + list(spec.engine_args)
+    return command + list(spec.load_args) + list(spec.engine_args)
+
+
+@dataclass(frozen=True)
+class LoadStrategy:
+    """The load flags for one launch and why they were chosen (shown on the deployment)."""
+
+    argv: tuple[str, ...]
+    reason: str
+
+
+def engine_version(image_reference: str) -> tuple[int, int] | None:
+    """(major, minor) from an image tag such as ``vllm/vllm-openai:v0.11.0``; None when the tag
+    states no version (``latest``, a digest only, a custom tag)."""
+    match = IMAGE_VERSION.search(image_reference)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def load_strategy(
+    storage_kind: str, version: tuple[int, int] | None, tensor_parallel_size: int = 1
+) -> LoadStrategy:
+    """How vLLM should read the weights, by what backs the model's mount (performance.md §1.2,
+    §1.4 item 5; vllm.md §4.2). Pure; admin-owned (users cannot set these flags).
+
+    * local disk or not stated: vLLM's default mmap (it auto-prefetches on NFS/Lustre itself);
+    * network filesystem: mmap's 4 KiB faults are many slow round trips, so read sequentially:
+      the Run:ai streamer at TP 1; ``prefetch`` into the page cache at TP > 1, where every rank
+      would otherwise read the whole checkpoint again (the page cache is shared by the ranks);
+      ``eager`` on engines older than ``prefetch``;
+    * object store through FUSE: the Run:ai streamer (many concurrent ranged reads), else eager.
+    """
+    if storage_kind not in RUNAI_CONCURRENCY:
+        return LoadStrategy((), "vLLM's default loader (local disk or storage kind not stated)")
+    if version is None:
+        return LoadStrategy(
+            (), "the image tag states no vLLM version, so no load flag it might not know is passed"
+        )
+    streamer = version >= RUNAI_STREAMER_SINCE and (
+        storage_kind == "object" or tensor_parallel_size == 1
+    )
+    if streamer:
+        config = json.dumps({"concurrency": RUNAI_CONCURRENCY[storage_kind]})
+        return LoadStrategy(
+            ("--load-format", "runai_streamer", "--model-loader-extra-config", config),
+            f"{storage_kind} storage: Run:ai streamer, {RUNAI_CONCURRENCY[storage_kind]} "
+            "concurrent reads",
+        )
+    if storage_kind == "network" and version >= SAFETENSORS_PREFETCH_SINCE:
+        return LoadStrategy(
+            ("--safetensors-load-strategy", "prefetch"),
+            "network storage: files read sequentially into the page cache the ranks share",
+        )
+    if version >= SAFETENSORS_EAGER_SINCE:
+        return LoadStrategy(
+            ("--safetensors-load-strategy", "eager"),
+            f"{storage_kind} storage: whole files read sequentially instead of mmap faults",
+        )
+    return LoadStrategy((), f"vLLM {version[0]}.{version[1]} predates the load-strategy flags")
 
 
 def environment(spec: LaunchSpec) -> dict[str, str]:
@@ -99,6 +169,8 @@ def environment(spec: LaunchSpec) -> dict[str, str]:
         "VLLM_CACHE_ROOT": f"{CACHE_TARGET}/vllm",
         "HF_HOME": f"{CACHE_TARGET}/huggingface",
         "TRITON_CACHE_DIR": f"{CACHE_TARGET}/triton",
+        # Inductor's own cache defaults to /tmp in the container, lost on every restart.
+        "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_TARGET}/inductor",
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",

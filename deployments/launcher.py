@@ -28,8 +28,10 @@ from audit.actions import Action
 from deployments import allocation
 from deployments.diagnostics import Finding, diagnose
 from deployments.engine_args import SchemaError
-from deployments.launch_spec import LaunchSpec, container_kwargs
+from deployments.launch_spec import LaunchSpec, container_kwargs, engine_version, load_strategy
 from deployments.models import Deployment, DeploymentEvent, EventKind
+from deployments.prewarm import cancel as cancel_prewarm
+from deployments.prewarm import start as start_prewarm
 from deployments.states import State
 from deployments.stream import publish
 from models_registry.inspection import inspect_directory
@@ -90,6 +92,7 @@ def launch(deployment: Deployment, generation: int, *, gpus: Sequence[Any] = ())
     spec = None
     try:
         _check_model_on_host(deployment)
+        start_prewarm(deployment)  # reads the weights into the page cache while the engine starts
         held = _hold_gpus(deployment, gpus)
         spec, container = _start_on_a_free_port(client, deployment, held)
     except LaunchFailure as exc:
@@ -222,6 +225,11 @@ def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> Launch
         tensor_parallel_size=deployment.tensor_parallel_size,
         max_model_len=max_model_len,
         gpu_memory_utilization=utilization,
+        load_args=load_strategy(
+            deployment.model.mount.kind,
+            engine_version(deployment.image.reference),
+            deployment.tensor_parallel_size,
+        ).argv,
         engine_args=tuple(extra),
         environment={**deployment.image.environment, **parse_environment(deployment.environment)},
         health_command=tuple(deployment.image.health_command) or LaunchSpec.health_command,
@@ -293,6 +301,7 @@ def _remove_container(client: docker.DockerClient, name: str) -> None:
 
 def fail(deployment: Deployment, error: str, diagnosis: list[dict[str, Any]]) -> None:
     """Store the error and diagnosis, then move to ``failed`` (with a diagnosis event)."""
+    cancel_prewarm(deployment.pk)
     with transaction.atomic():
         Deployment.objects.filter(pk=deployment.pk).update(
             last_error=error[:4000], diagnosis=diagnosis
@@ -426,6 +435,7 @@ def _check_health(deployment: Deployment) -> bool:
     if deployment.state == State.LOADING:
         if health.state == "healthy":
             Deployment.objects.filter(pk=deployment.pk).update(ready_at=now)
+            cancel_prewarm(deployment.pk)  # the engine has read its weights
             deployment.transition(State.READY, message="the engine answers /health")
             return True
         stalled_for = (now - (deployment.last_progress_at or deployment.updated)).total_seconds()
@@ -478,6 +488,7 @@ def stop(deployment: Deployment, generation: int) -> str:
     container, release the GPUs."""
     if deployment.generation != generation or deployment.state != State.STOPPING:
         return "nothing to do"
+    cancel_prewarm(deployment.pk)
     client = docker_client(deployment)
     try:
         container = client.containers.get(deployment.container_id or deployment.container_name)

@@ -20,6 +20,7 @@ class StorageMountAdmin(admin.ModelAdmin):
         "local_path",
         "host_path",
         "container_path",
+        "kind",
         "team",
         "last_synced",
     ]
@@ -37,6 +38,7 @@ class StorageMountAdmin(admin.ModelAdmin):
                 for field in ("canonical_prefix", "local_path", "host_path", "container_path")
             },
             sync_interval_minutes=obj.sync_interval_minutes,
+            kind=obj.kind,
         )
         if obj.sync_interval_minutes:
             schedule_sync(obj)

@@ -29,6 +29,16 @@ _CANONICAL_SHAPE = (
 )
 
 
+class StorageKind(models.TextChoices):
+    """What backs a mount; it decides how vLLM should read weights from it (performance.md
+    §1.4 item 5) and whether Berth prewarms the page cache before a launch."""
+
+    AUTO = "auto", "Not stated (vLLM detects NFS/Lustre itself)"
+    LOCAL = "local", "Local disk (NVMe/SSD)"
+    NETWORK = "network", "Network filesystem (NFS, Ceph, Lustre)"
+    OBJECT = "object", "Object store through FUSE (s3fs, gcsfuse, goofys)"
+
+
 class StorageMount(models.Model):
     """One storage root and where each context sees it.
 
@@ -63,6 +73,12 @@ class StorageMount(models.Model):
         on_delete=models.PROTECT,
         related_name="storage_mounts",
         help_text="Owner of the whole mount; empty means one folder per team slug",
+    )
+    kind = models.CharField(
+        max_length=8,
+        choices=StorageKind.choices,
+        default=StorageKind.AUTO,
+        help_text="What backs the mount: chooses vLLM's load strategy and the page-cache prewarm",
     )
     sync_interval_minutes = models.PositiveIntegerField(
         default=0, help_text="Re-scan the mount this often (0: only when an admin asks)"

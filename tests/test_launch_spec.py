@@ -9,8 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 
-from deployments.launch_spec import LaunchSpec, container_kwargs, docker_run_argv, docker_run_line
+from deployments.engine_args import SchemaError, parse_engine_args
+from deployments.launch_spec import (
+    LaunchSpec,
+    container_kwargs,
+    docker_run_argv,
+    docker_run_line,
+    engine_version,
+    load_strategy,
+)
 
 SPEC = LaunchSpec(
     deployment_id=12,
@@ -55,7 +64,8 @@ def test_container_kwargs_equal_the_golden_template() -> None:
         "environment": {
             "VLLM_LOGGING_LEVEL": "INFO", "HOME": "/berth-cache", "XDG_CACHE_HOME": "/berth-cache",
             "VLLM_CACHE_ROOT": "/berth-cache/vllm", "HF_HOME": "/berth-cache/huggingface",
-            "TRITON_CACHE_DIR": "/berth-cache/triton", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+            "TRITON_CACHE_DIR": "/berth-cache/triton", "TORCHINDUCTOR_CACHE_DIR": "/berth-cache/inductor",
+            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1", "VLLM_ENGINE_READY_TIMEOUT_S": "1200",
         },
         "mounts": [
@@ -189,3 +199,144 @@ def test_the_real_engine_accepts_the_template_and_refuses_gpus_it_cannot_give(
 def test_gpus_4_and_5_read_exactly_like_the_field_report() -> None:
     spec = LaunchSpec(**{**SPEC.__dict__, "gpu_device_ids": ("4", "5")})
     assert " --gpus '\"device=4,5\"' " in docker_run_line(container_kwargs(spec))
+
+
+# --- load strategy by storage kind (performance.md §1.4 item 5) ------------------------------
+
+STREAMER_16 = (
+    "--load-format",
+    "runai_streamer",
+    "--model-loader-extra-config",
+    '{"concurrency": 16}',
+)
+STREAMER_32 = (
+    "--load-format",
+    "runai_streamer",
+    "--model-loader-extra-config",
+    '{"concurrency": 32}',
+)
+
+
+@pytest.mark.parametrize(
+    ("reference", "version"),
+    [
+        ("vllm/vllm-openai:v0.11.0", (0, 11)),
+        ("vllm/vllm-openai:v0.33.0@sha256:" + "ab" * 32, (0, 33)),
+        ("registry.local:5000/vllm/vllm-openai:0.18.1-cu129", (0, 18)),
+        ("vllm/vllm-openai:latest", None),
+        ("vllm/vllm-openai@sha256:" + "ab" * 32, None),
+        ("registry.local:5000/vllm", None),
+        ("berth-test/engine:3f9c2a", None),
+    ],
+)
+def test_engine_version_comes_from_the_image_tag(
+    reference: str, version: tuple[int, int] | None
+) -> None:
+    assert engine_version(reference) == version
+
+
+@pytest.mark.parametrize(
+    ("kind", "version", "tp", "argv"),
+    [
+        ("auto", (0, 33), 1, ()),
+        ("local", (0, 33), 4, ()),
+        ("network", (0, 33), 1, STREAMER_16),
+        ("network", (0, 33), 4, ("--safetensors-load-strategy", "prefetch")),
+        ("network", (0, 12), 4, ("--safetensors-load-strategy", "eager")),
+        ("network", (0, 10), 1, ()),
+        ("network", None, 1, ()),
+        ("object", (0, 33), 8, STREAMER_32),
+        ("object", (0, 10), 1, ()),
+    ],
+)
+def test_the_load_strategy_follows_the_storage_kind_and_the_engine_version(
+    kind: str, version: tuple[int, int] | None, tp: int, argv: tuple[str, ...]
+) -> None:
+    strategy = load_strategy(kind, version, tp)
+    assert strategy.argv == argv
+    assert strategy.reason
+
+
+def test_load_flags_go_before_the_users_flags_and_users_cannot_set_them() -> None:
+    spec = LaunchSpec(
+        **{**SPEC.__dict__, "load_args": load_strategy("network", (0, 33), 4).argv,
+           "engine_args": ("--enforce-eager",)}
+    )  # fmt: skip
+    assert container_kwargs(spec)["command"][-3:] == [
+        "--safetensors-load-strategy", "prefetch", "--enforce-eager",
+    ]  # fmt: skip
+    for flag in ("load_format", "safetensors-load-strategy", "--model-loader-extra-config"):
+        with pytest.raises(SchemaError, match=r"storage kind|loader.s settings") as refused:
+            parse_engine_args({flag: "eager"})
+        assert flag in refused.value.errors
+
+
+@pytest.mark.django_db
+def test_a_launch_on_network_storage_gets_the_load_flags(team_a: Any, tmp_path: Path) -> None:
+    from deployments.launcher import build_spec
+    from models_registry.models import StorageKind, StorageMount
+    from tests.deployment_builders import deployment, host_with_gpus, registered_model
+
+    model = registered_model(team_a, tmp_path)
+    record = deployment(team_a, model, host_with_gpus(), gpu_count=2)  # image vLLM v0.11.0
+    assert build_spec(record, [], 30000).load_args == ()  # kind not stated
+    StorageMount.objects.update(kind=StorageKind.NETWORK)
+    record.refresh_from_db()
+    record.model.mount.refresh_from_db()
+    assert build_spec(record, [], 30000).load_args == ("--safetensors-load-strategy", "eager")
+
+
+@pytest.mark.docker
+@pytest.mark.django_db
+def test_the_cache_volume_survives_stop_and_restart_and_goes_with_delete(
+    team_a: Any, tmp_path: Path, engine_image: str, docker_client: Any
+) -> None:
+    """vLLM's compile cache lives in the volume: a restarted generation finds what the last
+    one wrote; only deleting the deployment removes it."""
+    from deployments import launcher
+    from deployments.models import Deployment, EngineImage
+    from deployments.states import State
+    from tests.deployment_builders import host_with_gpus, registered_model
+    from tests.model_dirs import write_model
+
+    write_model(tmp_path / "team-a" / "tiny")
+    image = EngineImage.objects.create(
+        name="stand-in", reference=engine_image, gpu_capable=False, cpu_capable=True,
+        is_stand_in=True, environment={"ENGINE_LOAD_SECONDS": "30"},
+    )  # fmt: skip
+    record = Deployment.objects.create(
+        name="tiny", team=team_a, model=registered_model(team_a, tmp_path, "tiny"),
+        host=host_with_gpus(count=1), image=image, gpu_count=0, state=State.QUEUED,
+        plan={"max_model_len": 2048},
+    )  # fmt: skip
+    volume = f"{settings.BERTH_INSTANCE}-cache-{record.pk}"
+
+    def stop_generation(generation: int) -> None:
+        Deployment.objects.filter(pk=record.pk).update(state=State.STOPPING)
+        record.refresh_from_db()
+        assert launcher.stop(record, generation) == "stopped"
+
+    try:
+        assert launcher.launch(record, 1) == "loading"
+        first = docker_client.containers.get(record.container_name)
+        write = ["sh", "-c", "mkdir -p /berth-cache/vllm && touch /berth-cache/vllm/compiled"]
+        assert first.exec_run(write).exit_code == 0
+        stop_generation(1)
+        Deployment.objects.filter(pk=record.pk).update(
+            generation=2, state=State.QUEUED, container_id=""
+        )
+        record.refresh_from_db()
+        assert launcher.launch(record, 2) == "loading"
+        second = docker_client.containers.get(record.container_name)
+        assert second.name.endswith("-g2")
+        assert second.exec_run(["ls", "/berth-cache/vllm/compiled"]).exit_code == 0
+        stop_generation(2)
+        assert launcher.delete(record, 2) == "deleted"
+        assert volume not in [v.name for v in docker_client.volumes.list(filters={"name": volume})]
+    finally:
+        for container in docker_client.containers.list(
+            all=True, filters={"label": f"berth.deployment={record.pk}"}
+        ):
+            container.remove(force=True)
+        for leftover in docker_client.volumes.list(filters={"name": volume}):
+            leftover.remove(force=True)

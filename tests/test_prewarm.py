@@ -1,0 +1,193 @@
+"""The page-cache prewarm: real files in a temporary directory, read into the page cache (checked
+with mincore), bounded by available memory, cancellable, and recorded on the deployment's
+timeline and in the audit trail."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit.actions import Action
+from audit.models import AuditEvent
+from deployments import prewarm
+from deployments.models import DeploymentEvent
+from models_registry.models import StorageKind, StorageMount
+from tests.deployment_builders import deployment, host_with_gpus, registered_model
+
+MIB = 1024**2
+
+
+def write_shards(directory: Path, sizes: list[int]) -> list[Path]:
+    """Weight shards of the given sizes (random bytes, so nothing is sparse), plus a config
+    file that is not a weight file; each shard is dropped from the page cache."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    shards = []
+    for number, size in enumerate(sizes, start=1):
+        path = directory / f"model-{number:05d}-of-{len(sizes):05d}.safetensors"
+        path.write_bytes(os.urandom(size))
+        prewarm.drop_from_page_cache(path)
+        shards.append(path)
+    return shards
+
+
+def test_prewarm_reads_every_byte_of_every_weight_file_into_the_page_cache(
+    tmp_path: Path,
+) -> None:
+    # Sizes that do not divide the chunk or block size, and a file smaller than one block.
+    shards = write_shards(tmp_path / "model", [5 * MIB + 7, 3 * MIB, 100_000])
+    assert all(prewarm.resident_fraction(path) < 0.5 for path in shards)
+    files = prewarm.weight_files(tmp_path / "model")
+    assert files == shards  # largest first; config.json is not a weight file
+
+    result = prewarm.Prewarmer(files, threads=3, block_bytes=256 * 1024, chunk_bytes=MIB).run()
+
+    assert result.bytes_read == result.total_bytes == sum(p.stat().st_size for p in shards)
+    assert (result.files, result.cancelled, result.errors) == (3, False, ())
+    assert all(prewarm.resident_fraction(path) == 1.0 for path in shards)
+
+
+def test_weight_files_follow_snapshot_symlinks_once(tmp_path: Path) -> None:
+    """Hugging Face snapshots link to blobs; each blob is read once, however often linked."""
+    (blob,) = write_shards(tmp_path / "blobs", [MIB])
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "model.safetensors").symlink_to(blob)
+    (snapshot / "copy.safetensors").symlink_to(blob)
+    assert prewarm.weight_files(snapshot) == [blob]
+
+
+def test_progress_is_reported_and_cancel_stops_the_readers(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "model", [16 * MIB, 16 * MIB])
+    cancel = threading.Event()
+    seen: list[prewarm.Progress] = []
+
+    def on_progress(progress: prewarm.Progress) -> None:
+        seen.append(progress)
+        cancel.set()  # stop after the first report
+
+    result = prewarm.Prewarmer(
+        shards,
+        threads=2,
+        block_bytes=256 * 1024,
+        chunk_bytes=MIB,
+        cancel=cancel,
+        on_progress=on_progress,
+        progress_every_s=0,
+    ).run()
+
+    assert result.cancelled
+    assert 0 < result.bytes_read < result.total_bytes
+    assert seen[0].bytes_read > 0
+    assert "prewarming 0.0 GiB" in seen[0].describe()
+    assert seen[-1].bytes_read == result.bytes_read  # the final report
+
+
+def test_the_memory_bound_refuses_weights_larger_than_the_share_of_available_memory(
+    tmp_path: Path,
+) -> None:
+    assert prewarm.fits_in_memory(70 * 1024**3, 100 * 1024**3, 0.8) == ""
+    reason = prewarm.fits_in_memory(90 * 1024**3, 100 * 1024**3, 0.8)
+    assert "90.0 GiB" in reason
+    assert "80%" in reason
+    assert "100.0 GiB" in reason
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   1024 kB\n")
+    assert prewarm.available_memory_bytes(meminfo) == 1024 * 1024
+    assert prewarm.available_memory_bytes() > 0  # this machine's
+
+
+@pytest.mark.parametrize(
+    ("setting", "kind", "expected"),
+    [
+        ("auto", StorageKind.NETWORK, True),
+        ("auto", StorageKind.OBJECT, True),
+        ("auto", StorageKind.LOCAL, False),
+        ("auto", StorageKind.AUTO, False),
+        ("on", StorageKind.LOCAL, True),
+        ("off", StorageKind.NETWORK, False),
+    ],
+)
+def test_berth_prewarm_setting_by_storage_kind(setting: str, kind: str, expected: bool) -> None:
+    assert prewarm.wanted(kind, setting) is expected
+
+
+def network_deployment(team: Any, root: Path) -> Any:
+    model = registered_model(team, root)
+    StorageMount.objects.filter(pk=model.mount_id).update(kind=StorageKind.NETWORK)
+    return deployment(team, model, host_with_gpus())
+
+
+def test_a_deployment_prewarm_is_evented_and_audited(team_a: Any, tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "team-a" / "llama", [3 * MIB, 2 * MIB])
+    record = network_deployment(team_a, tmp_path)
+
+    result = prewarm.run(record.pk, record.generation)
+
+    assert result.bytes_read == sum(p.stat().st_size for p in shards)
+    messages = list(
+        DeploymentEvent.objects.filter(deployment=record).values_list("message", flat=True)
+    )
+    assert messages[0] == "prewarming 0.0 GiB: 0.0 GiB read, 0.00 GiB/s"
+    assert messages[-1].startswith("prewarmed 0.0 GiB in ")
+    event = AuditEvent.objects.get(action=Action.DEPLOYMENT_PREWARMED)
+    assert (event.outcome, event.target_id) == ("ok", str(record.pk))
+    assert event.payload["bytes_read"] == 5 * MIB
+    assert event.payload["skipped"] == ""
+
+
+def test_a_deployment_prewarm_is_skipped_when_memory_is_short(
+    team_a: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No host here is short of memory, so the one host fact is replaced."""
+    write_shards(tmp_path / "team-a" / "llama", [2 * MIB])
+    record = network_deployment(team_a, tmp_path)
+    monkeypatch.setattr(prewarm, "available_memory_bytes", lambda: MIB)
+
+    result = prewarm.run(record.pk, record.generation)
+
+    assert result.bytes_read == 0
+    assert "exceed 80% of the host's available memory" in result.skipped
+    message = DeploymentEvent.objects.get(deployment=record).message
+    assert message.startswith("prewarm skipped: the weights (0.0 GiB) exceed")
+    event = AuditEvent.objects.get(action=Action.DEPLOYMENT_PREWARMED)
+    assert event.payload["skipped"] == result.skipped
+
+
+def test_a_cancelled_deployment_prewarm_says_so(team_a: Any, tmp_path: Path) -> None:
+    write_shards(tmp_path / "team-a" / "llama", [2 * MIB])
+    record = network_deployment(team_a, tmp_path)
+    stop = threading.Event()
+    stop.set()
+
+    result = prewarm.run(record.pk, record.generation, stop)
+
+    assert result.cancelled
+    assert result.bytes_read == 0
+    last = DeploymentEvent.objects.filter(deployment=record).last()
+    assert last.message == "prewarm stopped after 0.0 GiB (no longer needed)"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_launch_thread_prewarms_once_per_deployment_and_can_be_cancelled(
+    team_a: Any, tmp_path: Path, settings: Any
+) -> None:
+    settings.BERTH_PREWARM = "auto"
+    write_shards(tmp_path / "team-a" / "llama", [4 * MIB])
+    record = network_deployment(team_a, tmp_path)
+    record.refresh_from_db()
+
+    thread = prewarm.start(record)
+    assert thread is not None
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert not prewarm.cancel(record.pk)  # finished: nothing left to cancel
+    assert AuditEvent.objects.filter(action=Action.DEPLOYMENT_PREWARMED).count() == 1
+
+    StorageMount.objects.update(kind=StorageKind.LOCAL)
+    record.refresh_from_db()
+    assert prewarm.start(record) is None  # auto: local disks are not prewarmed
