@@ -22,6 +22,8 @@ class Action(models.TextChoices):
     # The audit trail itself
     AUDIT_VERIFY_REQUESTED = "audit.verify_requested", "Chain verification requested"
     AUDIT_VERIFIED = "audit.verified", "Chain verified"
+    AUDIT_EXPORTED = "audit.exported", "Audit events exported"
+    AUDIT_PRUNED = "audit.pruned", "Old audit events pruned (checkpoint)"
     # Models, GPUs and deployments (written by their apps)
     MODEL_REGISTERED = "model.registered", "Model registered"
     MODEL_INSPECTED = "model.inspected", "Model inspected"
@@ -48,6 +50,8 @@ class Action(models.TextChoices):
     DEPLOYMENT_DELETED = "deployment.deleted", "Deployment deleted"
     DEPLOYMENT_PLAN_OVERRIDDEN = "deployment.plan_overridden", "Plan overridden by an admin"
     DEPLOYMENT_PREWARMED = "deployment.prewarmed", "Model files prewarmed into the page cache"
+    DEPLOYMENT_PATH_CHANGED = "deployment.path_changed", "Model directory changed before launch"
+    DEPLOYMENT_IMAGE_REFUSED = "deployment.image_refused", "Host image does not match its pin"
     ENGINE_IMAGE_SAVED = "image.saved", "Engine image allow-list changed"
     GC_RAN = "gc.ran", "Garbage collection ran"
     GC_REQUESTED = "gc.requested", "Garbage collection requested"

@@ -8,3 +8,6 @@ class DeploymentsConfig(AppConfig):
 
     name = "deployments"
     verbose_name = "Deployments"
+
+    def ready(self) -> None:
+        from deployments import checks  # noqa: F401  (registers the system checks)

@@ -76,6 +76,20 @@ class DeployForm(forms.Form):
         if not getattr(user, "is_admin", False):
             del self.fields["override_reason"]
 
+    def unknown_fields(self, data: Any) -> list[str]:
+        """Keys of a POST that are not fields of this form (the CSRF token aside): nothing
+        outside the typed fields may reach a deployment, so such a request is refused whole."""
+        return sorted(set(data) - set(self.fields) - {"csrfmiddlewaretoken"})
+
+    @staticmethod
+    def unknown_fields_message(unknown: list[str]) -> str:
+        shown = ", ".join(repr(key[:40]) for key in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        return (
+            f"Unknown field(s) {shown}{more}: Berth sets container options itself; remove them "
+            "and use the form's fields."
+        )
+
     def clean_environment(self) -> dict[str, str]:
         lines = [
             line.strip() for line in self.cleaned_data["environment"].splitlines() if line.strip()

@@ -10,6 +10,7 @@ stored with its diagnosis — nothing is left behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import re
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from django.utils import timezone
 import audit
 import docker
 from audit.actions import Action
-from deployments import allocation
+from deployments import allocation, host_checks
 from deployments.diagnostics import Finding, diagnose
 from deployments.engine_args import SchemaError
 from deployments.launch_spec import LaunchSpec, container_kwargs, engine_version, load_strategy
@@ -93,9 +94,10 @@ def launch(deployment: Deployment, generation: int, *, gpus: Sequence[Any] = ())
     try:
         _check_model_on_host(deployment)
         start_prewarm(deployment)  # reads the weights into the page cache while the engine starts
+        image = host_checks.pinned_image(client, deployment)
         held = _hold_gpus(deployment, gpus)
-        spec, container = _start_on_a_free_port(client, deployment, held)
-    except LaunchFailure as exc:
+        spec, container = _start_on_a_free_port(client, deployment, held, image)
+    except (LaunchFailure, host_checks.Refused) as exc:
         _fail_launch(deployment, client, spec, exc)
         return f"failed: {exc}"
     with transaction.atomic():
@@ -119,13 +121,7 @@ def _check_model_on_host(deployment: Deployment) -> None:
         storage_root=Path(deployment.model.mount.local_path),
         display_path=where.canonical,
     )
-    errors = [finding for finding in report.findings if finding.severity == "error"]
-    if errors:
-        findings = [Finding(f.code, f.message, f.remedy, None, "") for f in errors]
-        raise LaunchFailure(
-            f"the model at {where.canonical} is not deployable on this host: {errors[0].message}",
-            findings,
-        )
+    host_checks.check_model_unchanged(deployment, report)
 
 
 def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
@@ -154,7 +150,7 @@ def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
 
 
 def _start_on_a_free_port(
-    client: docker.DockerClient, deployment: Deployment, gpus: list[Any]
+    client: docker.DockerClient, deployment: Deployment, gpus: list[Any], image: str | None = None
 ) -> tuple:
     """Create and start the container; when another program holds the chosen host port, remove
     the container and try the next port (Berth only knows its own engines' ports)."""
@@ -164,6 +160,8 @@ def _start_on_a_free_port(
             spec = build_spec(deployment, gpus, _port(deployment, taken))
         except SchemaError as exc:  # e.g. remote-code approval revoked since the request
             raise LaunchFailure(f"the deployment's settings are no longer allowed: {exc}") from None
+        if image:  # pinned: create from the verified image id, not a name that could move
+            spec = dataclasses.replace(spec, image=image)
         try:
             return spec, _create_or_adopt(client, spec)
         except LaunchFailure as exc:
@@ -286,7 +284,10 @@ def _docker_failure(exc: docker.errors.APIError, spec: LaunchSpec) -> LaunchFail
 
 
 def _fail_launch(
-    deployment: Deployment, client: docker.DockerClient, spec: LaunchSpec | None, exc: LaunchFailure
+    deployment: Deployment,
+    client: docker.DockerClient,
+    spec: LaunchSpec | None,
+    exc: LaunchFailure | host_checks.Refused,
 ) -> None:
     name = spec.container_name if spec else deployment.container_name
     _remove_container(client, name)

@@ -25,10 +25,13 @@ from audit.actions import Action
 from deployments.states import ACTIVE, State, check_transition
 from deployments.stream import publish
 
-# repository[:tag][@sha256:<64 hex>] — no shell metacharacters can pass.
+# repository[:tag][@sha256:<64 hex>] — Docker's reference grammar, narrowed: lowercase
+# repository path (optionally a registry host:port first), tag, digest. No whitespace, newline or
+# shell metacharacter can pass (matched with fullmatch: ``$`` would let a trailing newline in).
 IMAGE_REFERENCE = re.compile(
-    r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+    r"(?P<repository>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5}(?=/))?"
+    r"(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
 )
 MAX_IMAGE_ENV_VALUE = 1024
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -67,16 +70,28 @@ class EngineImage(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.reference})"
 
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` when the reference is pinned by digest, else ''."""
+        match = IMAGE_REFERENCE.fullmatch(self.reference or "")
+        return (match and match.group("digest")) or ""
+
+    @property
+    def repository(self) -> str:
+        """The reference without tag and digest (``vllm/vllm-openai``)."""
+        match = IMAGE_REFERENCE.fullmatch(self.reference or "")
+        return match.group("repository") if match else ""
+
     def clean(self) -> None:
         errors = {}
-        if not IMAGE_REFERENCE.match(self.reference or ""):
+        if not IMAGE_REFERENCE.fullmatch(self.reference or ""):
             errors["reference"] = (
                 "write repository[:tag][@sha256:<64 hex digits>], e.g. vllm/vllm-openai:v0.11.0"
             )
         probe = self.health_command or []
         if not (
             isinstance(probe, list)
-            and all(isinstance(a, str) and PROBE_ARGUMENT.match(a) for a in probe)
+            and all(isinstance(a, str) and PROBE_ARGUMENT.fullmatch(a) for a in probe)
         ):
             errors["health_command"] = (
                 "a JSON list of plain arguments (exec form; no shell, no spaces in one argument)"
@@ -84,7 +99,7 @@ class EngineImage(models.Model):
         variables = self.environment or {}
         if not isinstance(variables, dict) or not all(
             isinstance(k, str)
-            and ENV_NAME.match(k)
+            and ENV_NAME.fullmatch(k)
             and isinstance(v, str)
             and v.isprintable()
             and len(v) <= 1024

@@ -27,6 +27,10 @@ MIB = 1024**2
 DEFAULT_STALL_TIMEOUT_S = 300  # CPU stand-in engines and plans without timers
 
 
+class AlreadyDeploying(ValidationError):
+    """The team already has a live deployment of that name (a double submit, a second tab)."""
+
+
 @dataclass
 class DeployRequest:
     """What the deploy form or an API sends, before validation."""
@@ -78,14 +82,7 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
     try:
         deployment = _validated(user, data)
     except (ValidationError, PermissionDenied) as exc:
-        audit.record(
-            Action.DEPLOYMENT_LAUNCH_REQUESTED,
-            outcome=Outcome.DENIED,
-            team=data.team,
-            actor=user,
-            name=str(data.name)[:64],
-            reason=denial_reason(exc),
-        )
+        record_denied(user, exc, team=data.team, name=data.name)
         raise
     try:
         with transaction.atomic():
@@ -99,10 +96,27 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
             deployment.transition(State.QUEUED, message=f"queued on {deployment.host.queue_name}")
             enqueue_launch(deployment)
     except IntegrityError:
-        raise ValidationError(
-            {"name": f"team {data.team.slug} already runs a deployment named {data.name}"}
-        ) from None
+        exc = AlreadyDeploying(
+            {
+                "name": f"team {data.team.slug} is already deploying or running {data.name}: "
+                "open it from the deployments list, or choose another name"
+            }
+        )
+        record_denied(user, exc, team=data.team, name=data.name)
+        raise exc from None
     return deployment
+
+
+def record_denied(user: Any, exc: Exception, *, team: Team | None = None, name: Any = "") -> None:
+    """Audit a refused launch request (``denied``) with the reason each field was refused."""
+    audit.record(
+        Action.DEPLOYMENT_LAUNCH_REQUESTED,
+        outcome=Outcome.DENIED,
+        team=team,
+        actor=user,
+        name=str(name)[:64],
+        reason=denial_reason(exc)[:2000],
+    )
 
 
 def _validated(user: Any, data: DeployRequest) -> Deployment:

@@ -1,11 +1,12 @@
 from django.urls import path
 
-from deployments import views
+from deployments import api, views
 
 urlpatterns = [
     path("", views.deployment_list, name="deployments-index"),
     path("new/", views.deploy, name="deployment-new"),
     path("new/plan/", views.plan_preview, name="deployment-plan"),
+    path("api/", api.deploy, name="deployment-api"),
     path("<uuid:public_id>/", views.deployment_detail, name="deployment-detail"),
     path("<uuid:public_id>/stream/", views.deployment_stream, name="deployment-stream"),
     path("<uuid:public_id>/stop/", views.stop, name="deployment-stop"),

@@ -45,18 +45,33 @@ def deployment_list(request: HttpRequest) -> HttpResponse:
 
 @role_required(Role.MEMBER)
 def deploy(request: HttpRequest) -> HttpResponse:
-    form = DeployForm(request.POST or None, user=request.user)
-    if request.method == "POST" and form.is_valid():
-        try:
-            deployment = services.request_deployment(request.user, _deploy_request(form))
-        except (ValidationError, PermissionDenied) as exc:
-            _add_errors(form, exc)
-        else:
-            messages.success(
-                request, f"Deployment {deployment.name} queued on {deployment.host.name}."
-            )
-            return redirect("deployment-detail", public_id=deployment.public_id)
-    return render(request, "deployments/deploy.html", {"form": form})
+    """The deploy form. Strict: a field the form does not have (``privileged``, ``cap_add``,
+    ``volumes``...) is refused by name with 400, and every refusal is audited as ``denied``."""
+    form = DeployForm(request.POST if request.method == "POST" else None, user=request.user)
+    if request.method != "POST":
+        return render(request, "deployments/deploy.html", {"form": form})
+    if unknown := form.unknown_fields(request.POST):
+        form.add_error(None, form.unknown_fields_message(unknown))
+        services.record_denied(
+            request.user, ValidationError({key: "unknown field" for key in unknown})
+        )
+        return render(request, "deployments/deploy.html", {"form": form}, status=400)
+    if not form.is_valid():
+        services.record_denied(
+            request.user,
+            ValidationError({field: list(errors) for field, errors in form.errors.items()}),
+            team=form.cleaned_data.get("team"),
+            name=form.cleaned_data.get("name") or request.POST.get("name", ""),
+        )
+        return render(request, "deployments/deploy.html", {"form": form})
+    try:
+        deployment = services.request_deployment(request.user, _deploy_request(form))
+    except (ValidationError, PermissionDenied) as exc:
+        _add_errors(form, exc)
+        status = 409 if isinstance(exc, services.AlreadyDeploying) else 200
+        return render(request, "deployments/deploy.html", {"form": form}, status=status)
+    messages.success(request, f"Deployment {deployment.name} queued on {deployment.host.name}.")
+    return redirect("deployment-detail", public_id=deployment.public_id)
 
 
 @require_POST

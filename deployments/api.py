@@ -1,0 +1,206 @@
+"""A thin JSON door to the same deploy service the form uses, with a strict schema.
+
+``POST /deployments/api/`` with the browser session and the CSRF header (``X-CSRFToken``; there
+are no API tokens)::
+
+    {"team": "team-a", "model": 12, "host": "gpu-01", "image": "vllm", "name": "llama",
+     "gpu_count": 2, "engine_args": {"max_model_len": 8192}, "environment": {"NCCL_DEBUG": "WARN"}}
+
+Answers 201 with the deployment's id and page; 400 with ``{"errors": {field: message}}`` for
+anything refused — an unknown key (``privileged``, ``cap_add``...) is named, never ignored;
+409 when the team already runs a deployment of that name; 413 for a body over
+``DATA_UPLOAD_MAX_MEMORY_SIZE``. Every refusal is audited as ``denied`` and enqueues nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, ValidationError
+from django.http import HttpRequest, JsonResponse
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from accounts.access import role_required, visible_teams
+from accounts.models import Role, slug_validator
+from deployments import services
+from deployments.models import EngineImage
+from gpus.models import Host
+from models_registry.models import Model, ModelStatus
+
+MAX_DEPTH = 3  # the document, engine_args / environment, nothing deeper
+MAX_KEYS = 64  # every key at every level, counted before anything else is read
+MAX_GPUS = 16
+FIELDS: dict[str, str] = {
+    "team": "the team's slug",
+    "model": "the model's id (a whole number)",
+    "host": "the host's name",
+    "image": "the allow-list entry's name (not an image reference)",
+    "name": "1-64 lowercase letters, digits and hyphens",
+    "gpu_count": f"a whole number 0-{MAX_GPUS}, or null for the planner's choice",
+    "engine_args": "an object of engine settings",
+    "environment": 'an object of "NAME": "value" strings',
+    "override_reason": "admins only: why to launch although the plan does not fit",
+}
+REQUIRED = ("team", "model", "host", "image", "name")
+
+
+class Refusal(Exception):
+    def __init__(self, errors: dict[str, str], status: int = 400):
+        super().__init__("; ".join(f"{key}: {why}" for key, why in errors.items()))
+        self.errors, self.status = errors, status
+
+
+@require_POST
+@role_required(Role.MEMBER)
+def deploy(request: HttpRequest) -> JsonResponse:
+    """Validate strictly, then call :func:`services.request_deployment` like the form does."""
+    team = None
+    try:
+        document = _document(request)
+        data = _deploy_request(request.user, document)
+        team = data.team
+        deployment = services.request_deployment(request.user, data)
+    except Refusal as exc:
+        services.record_denied(request.user, ValidationError(exc.errors), team=team)
+        return JsonResponse({"errors": exc.errors}, status=exc.status)
+    except (ValidationError, PermissionDenied) as exc:  # audited by the service
+        errors = getattr(exc, "message_dict", None) or {"team": str(exc)}
+        status = 409 if isinstance(exc, services.AlreadyDeploying) else 400
+        return JsonResponse({"errors": _flat(errors)}, status=status)
+    url = reverse("deployment-detail", kwargs={"public_id": deployment.public_id})
+    return JsonResponse(
+        {"id": str(deployment.public_id), "state": deployment.state, "url": url}, status=201
+    )
+
+
+def _document(request: HttpRequest) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise Refusal({"body": "send Content-Type: application/json"}, status=415)
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise Refusal(
+            {"body": "the body is too large; a deploy request is a few hundred bytes"}, 413
+        ) from None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refusal({"body": "the body must be UTF-8 JSON"}) from None
+    if (depth := nesting_depth(text)) > MAX_DEPTH:
+        raise Refusal({"body": f"JSON nested {depth} levels deep; at most {MAX_DEPTH}"})
+    try:
+        document = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise Refusal({"body": f"not valid JSON: {exc}"}) from None
+    if not isinstance(document, dict):
+        raise Refusal({"body": "send one JSON object"})
+    if (count := _key_count(document)) > MAX_KEYS:
+        raise Refusal({"body": f"{count} keys; a deploy request has at most {MAX_KEYS}"})
+    if unknown := sorted(set(document) - set(FIELDS)):
+        raise Refusal(
+            {
+                key[:64]: "unknown field: Berth sets container options itself "
+                f"(accepted fields: {', '.join(FIELDS)})"
+                for key in unknown[:10]
+            }
+        )
+    if missing := [key for key in REQUIRED if key not in document]:
+        raise Refusal({key: f"required: {FIELDS[key]}" for key in missing})
+    return document
+
+
+def nesting_depth(text: str) -> int:
+    """How deeply ``text``'s arrays and objects nest, read without parsing (so a 1,000-level
+    document is refused before the parser recurses into it)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _key_count(value: Any) -> int:
+    if isinstance(value, dict):
+        return len(value) + sum(_key_count(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_key_count(item) for item in value)
+    return 0
+
+
+def _deploy_request(user: Any, document: dict[str, Any]) -> services.DeployRequest:
+    errors: dict[str, str] = {}
+    for key in ("team", "host", "image", "name", "override_reason"):
+        if key in document and not isinstance(document[key], str):
+            errors[key] = f"must be a string: {FIELDS[key]}"
+    for key in ("engine_args", "environment"):
+        if not isinstance(document.get(key, {}), dict):
+            errors[key] = f"must be {FIELDS[key]}"
+    if "override_reason" in document and not user.is_admin:
+        errors["override_reason"] = "only admins may launch a plan that does not fit"
+    model_id, gpu_count = document["model"], document.get("gpu_count")
+    if isinstance(model_id, bool) or not isinstance(model_id, int):
+        errors["model"] = f"must be {FIELDS['model']}"
+    if gpu_count is not None and not (
+        type(gpu_count) is int and 0 <= gpu_count <= MAX_GPUS  # bool is an int subclass
+    ):
+        errors["gpu_count"] = f"must be {FIELDS['gpu_count']}"
+    if errors:
+        raise Refusal(errors)
+    return services.DeployRequest(
+        team=_one(visible_teams(user), "team", slug=document["team"]),
+        model=_one(
+            Model.objects.visible_to(user).filter(
+                status__in=[ModelStatus.OK, ModelStatus.WARNINGS]
+            ),
+            "model",
+            pk=model_id,
+        ),
+        host=_one(Host.objects.all(), "host", name=document["host"]),
+        image=_one(EngineImage.objects.filter(enabled=True), "image", name=document["image"]),
+        name=_name(document["name"]),
+        gpu_count=gpu_count,
+        engine_args=document.get("engine_args", {}),
+        environment=document.get("environment", {}),
+        override_reason=document.get("override_reason", ""),
+    )
+
+
+def _one(queryset: Any, field: str, **lookup: Any) -> Any:
+    """The one row ``lookup`` names among those this user may use; another team's row reads
+    exactly like a missing one."""
+    found = queryset.filter(**lookup).first()
+    if found is None:
+        value = str(next(iter(lookup.values())))[:64]
+        raise Refusal({field: f"no {field} {value!r} that you may use ({FIELDS[field]})"})
+    return found
+
+
+def _name(raw: str) -> str:
+    try:
+        slug_validator(raw)
+    except ValidationError:
+        raise Refusal({"name": f"must be {FIELDS['name']}"}) from None
+    return raw
+
+
+def _flat(errors: dict[str, list[str]]) -> dict[str, str]:
+    return {field: " ".join(messages) for field, messages in errors.items()}
