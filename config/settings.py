@@ -289,6 +289,15 @@ LOGGING = {
 # --- Berth ----------------------------------------------------------------------------------
 BERTH_BIND = env_str("BERTH_BIND", "127.0.0.1")
 BERTH_PORT = env_int("BERTH_PORT", default=8000, minimum=1, maximum=65535)
+# berth_up runs manage.py berth_demo after migrating (stand-in engine, demo model, team, member).
+BERTH_DEMO = env_bool("BERTH_DEMO", default=False)
+# Bearer token Prometheus sends to /metrics (staff sessions need none); empty: staff only.
+BERTH_METRICS_TOKEN = env_secret("BERTH_METRICS_TOKEN") or ""
+if BERTH_METRICS_TOKEN and len(BERTH_METRICS_TOKEN) < 24:
+    raise ImproperlyConfigured(
+        "BERTH_METRICS_TOKEN is shorter than 24 characters; generate one with "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    )
 
 # --- GPU inventory ---------------------------------------------------------------------------
 # How often each host's agent collects (dcgm-exporter's default is 30 s; NVML calls are cheap

@@ -6,16 +6,13 @@ prints vLLM's log milestones, refuses connections while "loading", then answers 
 See ``docker/test-engine/README.md``.
 
 ``tests/conftest.py`` imports the ``engine_image`` fixture, so every test module can use it.
-The image is built locally ``FROM scratch`` with Debian's static busybox (no registry needed)
-and tagged by the content hash of its inputs, so it is built once per machine.
+The image is built by ``deployments.stand_in`` (``manage.py berth_demo`` builds it the same
+way), locally ``FROM scratch`` with Debian's static busybox, once per machine.
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import io
-import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,53 +21,26 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BASE_DIR, BUSYBOX, service_missing
-
-ENGINE_DIR = BASE_DIR / "docker" / "test-engine"
-ENGINE_FILES = {"Dockerfile": 0o644, "vllm": 0o755, "http.sh": 0o755, "curl": 0o755}
-ENGINE_PORT = 8000
-ENGINE_REPOSITORY = "berth-test/engine"
+from deployments.stand_in import (
+    BUSYBOX,
+    ENGINE_PORT,
+    INSTALL_BUSYBOX,
+    build_engine_image,
+    engine_health_command,
+)
+from tests.conftest import service_missing
 
 
 def engine_healthcheck(port: int = ENGINE_PORT) -> list[str]:
-    """The exec-form health check test for the engine container: ``curl`` is in the real
-    vllm/vllm-openai image, and this image carries a small ``curl`` on busybox ``wget``."""
-    url = f"http://127.0.0.1:{port}/health"
-    return ["CMD", "curl", "-fsS", "-o", "/dev/null", "--max-time", "5", url]
-
-
-def engine_image_tag() -> str:
-    """The tag of the image built from the current inputs (busybox included)."""
-    digest = hashlib.sha256(BUSYBOX.read_bytes())
-    for name in sorted(ENGINE_FILES):
-        digest.update(name.encode() + b"\0" + (ENGINE_DIR / name).read_bytes())
-    return f"{ENGINE_REPOSITORY}:{digest.hexdigest()[:12]}"
-
-
-def build_engine_image(client: Any) -> str:
-    """Build the image unless this machine already has it; returns its tag."""
-    tag = engine_image_tag()
-    if client.images.list(name=tag):
-        return tag
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as archive:
-        files = [
-            (name, (ENGINE_DIR / name).read_bytes(), mode) for name, mode in ENGINE_FILES.items()
-        ]
-        for name, data, mode in [*files, ("busybox", BUSYBOX.read_bytes(), 0o755)]:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), mode
-            archive.addfile(info, io.BytesIO(data))
-    context.seek(0)
-    client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)
-    return tag
+    """The exec-form health check test for the engine container (Docker's ``CMD`` form)."""
+    return ["CMD", *engine_health_command(port)]
 
 
 @pytest.fixture(scope="session")
 def engine_image(docker_client: Any) -> str:
     """The test engine image's tag, built once per machine."""
     if not BUSYBOX.exists():
-        service_missing(f"{BUSYBOX} is missing (apt-get install busybox-static)")
+        service_missing(f"{BUSYBOX} is missing ({INSTALL_BUSYBOX})")
     return build_engine_image(docker_client)
 
 

@@ -1,9 +1,10 @@
 """``manage.py berth_up``: the embedded console in one command (``make run`` calls it).
 
 Ensures Redis (starting a local redis-server when REDIS_URL is unreachable and one is
-installed), migrates, creates the first admin account, registers this machine as a GPU host on
-the first run, then runs an RQ worker with the scheduler, this machine's GPU agent
-(``berth_agent``) and the ASGI web server until Ctrl-C, which stops all of them.
+installed), migrates, creates the first admin account, with ``--demo`` (``BERTH_DEMO=1``) runs
+``berth_demo``, registers this machine as a GPU host on the first run, then runs an RQ worker
+with the scheduler, this machine's GPU agent (``berth_agent``) and the ASGI web server until
+Ctrl-C, which stops all of them.
 """
 
 from __future__ import annotations
@@ -46,14 +47,21 @@ class Command(BaseCommand):
         parser.add_argument(
             "--port", type=int, default=settings.BERTH_PORT, help="port to listen on (BERTH_PORT)"
         )
+        parser.add_argument(
+            "--demo",
+            action="store_true",
+            default=settings.BERTH_DEMO,
+            help="run manage.py berth_demo after migrating (BERTH_DEMO=1): stand-in engine "
+            "(not vLLM), demo model, team and member",
+        )
 
-    def handle(self, *args: Any, bind: str, port: int, **options: Any) -> None:
+    def handle(self, *args: Any, bind: str, port: int, demo: bool, **options: Any) -> None:
         supervisor = Supervisor()
         previous = {
             sig: signal.signal(sig, self._raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)
         }
         try:
-            self._run(supervisor, bind, port)
+            self._run(supervisor, bind, port, demo)
         except Stop:
             self.stdout.write("Stopping Berth…")
         finally:
@@ -69,11 +77,15 @@ class Command(BaseCommand):
     def _raise_stop(self, signum: int, frame: Any) -> None:
         raise Stop
 
-    def _run(self, supervisor: Supervisor, bind: str, port: int) -> None:
+    def _run(self, supervisor: Supervisor, bind: str, port: int, demo: bool) -> None:
         base_dir = Path(settings.BASE_DIR)
         self._ensure_redis(supervisor, base_dir)
         call_command("migrate", interactive=False, verbosity=1)
         call_command("ensure_admin")
+        if demo:
+            # Before the agent starts: the demo registers this machine, whose agent then runs
+            # the launches (they go to the host's queue, host:<name>).
+            call_command("berth_demo")
         env = child_environment()
         manage = str(base_dir / "manage.py")
         worker = supervisor.start(

@@ -1,0 +1,238 @@
+"""``/metrics`` for Prometheus: read from the database and Redis at scrape time, no global state.
+
+Every figure comes from what every process already writes (rows, RQ's registries in Redis), so
+any number of web, worker and agent processes report the same thing and a restart loses
+nothing. Prometheus sends ``Authorization: Bearer <BERTH_METRICS_TOKEN>``; an admin's browser
+session works too::
+
+    scrape_configs:
+      - job_name: berth
+        authorization: {credentials_file: /etc/prometheus/berth-token}
+        static_configs: [{targets: ["berth.example.com"]}]
+"""
+
+from __future__ import annotations
+
+import hmac
+import statistics
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import datetime
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_not_required
+from django.db.models import Count
+from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+from rq.job import Job
+
+from audit.jobs import get_queue, redis_connection
+from config.queues import DEFAULT_QUEUE
+from deployments.models import Deployment
+from deployments.states import State
+from gpus.models import Gpu, Host
+
+MIB = 1024 * 1024
+# Durations are summarised over each queue's most recent finished jobs (RQ keeps a finished job
+# for its result TTL, 500 s by default), enough for a stable median without a heavy scrape.
+DURATION_SAMPLE = 200
+QUANTILES = (0.5, 0.9, 0.99)
+JOB_STATES = ("queued", "started", "scheduled", "deferred", "finished", "failed")
+
+
+class BerthCollector(Collector):
+    """Deployments by state, GPU memory by owner, host inventory age, RQ jobs and durations."""
+
+    def __init__(self, now: datetime | None = None):
+        self.now = now or timezone.now()
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._deployments()
+        yield from self._gpu_memory()
+        yield from self._hosts()
+        yield from self._jobs()
+
+    def _deployments(self) -> Metric:
+        family = GaugeMetricFamily(
+            "berth_deployments", "Deployments by lifecycle state.", labels=["state"]
+        )
+        counts = dict(
+            Deployment.objects.order_by()
+            .values_list("state")
+            .annotate(n=Count("pk"))
+            .values_list("state", "n")
+        )
+        for state in State:
+            family.add_metric([state.value], counts.get(state.value, 0))
+        return family
+
+    def _gpu_memory(self) -> Iterator[Metric]:
+        by_owner = GaugeMetricFamily(
+            "berth_gpu_memory_bytes",
+            "GPU memory by owner: deployment (Berth's engines), foreign (anything else), free.",
+            labels=["host", "gpu", "uuid", "owner"],
+        )
+        total = GaugeMetricFamily(
+            "berth_gpu_memory_total_bytes", "GPU memory size.", labels=["host", "gpu", "uuid"]
+        )
+        gpus = (
+            Gpu.objects.filter(present=True).select_related("host").order_by("host__name", "index")
+        )
+        for gpu in gpus:
+            labels = [gpu.host.name, str(gpu.index), gpu.uuid]
+            if gpu.memory_total_mib is not None:
+                total.add_metric(labels, gpu.memory_total_mib * MIB)
+            owners = {
+                "deployment": gpu.memory_berth_mib,
+                "foreign": gpu.memory_foreign_mib,
+                "free": gpu.memory_free_mib,
+            }
+            for owner, mib in owners.items():
+                if mib is not None:  # not read yet: no sample rather than a made-up zero
+                    by_owner.add_metric([*labels, owner], mib * MIB)
+        yield by_owner
+        yield total
+
+    def _hosts(self) -> Iterator[Metric]:
+        inventory_age = GaugeMetricFamily(
+            "berth_host_inventory_age_seconds",
+            "Seconds since the host's agent last stored a GPU inventory.",
+            labels=["host"],
+        )
+        heartbeat_age = GaugeMetricFamily(
+            "berth_host_heartbeat_age_seconds",
+            "Seconds since the host's agent last sent a heartbeat.",
+            labels=["host"],
+        )
+        placeable = GaugeMetricFamily(
+            "berth_host_placeable",
+            "1 when the host takes placements (agent alive, inventory readable).",
+            labels=["host", "status"],
+        )
+        for host in Host.objects.all():
+            if host.last_collected is not None:
+                age = (self.now - host.last_collected).total_seconds()
+                inventory_age.add_metric([host.name], age)
+            if host.last_heartbeat is not None:
+                age = (self.now - host.last_heartbeat).total_seconds()
+                heartbeat_age.add_metric([host.name], age)
+            placeable.add_metric([host.name, host.state(self.now)], int(host.placeable(self.now)))
+        yield inventory_age
+        yield heartbeat_age
+        yield placeable
+
+    def _jobs(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "berth_rq_jobs",
+            "Jobs in each RQ registry per queue (failed jobs stay until they expire or are "
+            "cleared in the RQ dashboard).",
+            labels=["queue", "state"],
+        )
+        durations = GaugeMetricFamily(
+            "berth_rq_job_duration_seconds",
+            f"Run time of each queue's last {DURATION_SAMPLE} finished jobs, by function.",
+            labels=["queue", "function", "quantile"],
+        )
+        up = GaugeMetricFamily("berth_redis_up", "1 when Redis answered this scrape.")
+        try:
+            for name in self._queue_names():
+                queue = get_queue(name)
+                for state, count in _registry_counts(queue).items():
+                    jobs.add_metric([name, state], count)
+                for function, values in _recent_durations(queue).items():
+                    for quantile, value in _quantiles(values).items():
+                        durations.add_metric([name, function, quantile], value)
+        except RedisError:
+            up.add_metric([], 0)
+        else:
+            up.add_metric([], 1)
+        yield jobs
+        yield durations
+        yield up
+
+    def _queue_names(self) -> list[str]:
+        return [DEFAULT_QUEUE, *(host.queue_name for host in Host.objects.all())]
+
+
+def _registry_counts(queue: object) -> dict[str, int]:
+    registries = {
+        "started": queue.started_job_registry,
+        "scheduled": queue.scheduled_job_registry,
+        "deferred": queue.deferred_job_registry,
+        "finished": queue.finished_job_registry,
+        "failed": queue.failed_job_registry,
+    }
+    counts = {"queued": queue.count}
+    counts |= {
+        state: registry.get_job_count(cleanup=False) for state, registry in registries.items()
+    }
+    return {state: counts[state] for state in JOB_STATES}
+
+
+def _recent_durations(queue: object) -> dict[str, list[float]]:
+    ids = queue.finished_job_registry.get_job_ids(0, DURATION_SAMPLE - 1, desc=True, cleanup=False)
+    by_function: dict[str, list[float]] = defaultdict(list)
+    for job in Job.fetch_many(ids, connection=redis_connection()):
+        if job is not None and job.started_at and job.ended_at:
+            seconds = (job.ended_at - job.started_at).total_seconds()
+            by_function[job.func_name].append(max(seconds, 0.0))
+    return by_function
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return {str(q): ordered[0] for q in QUANTILES}
+    cuts = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {str(q): cuts[round(q * 100) - 1] for q in QUANTILES}
+
+
+def render_metrics(now: datetime | None = None) -> bytes:
+    """The exposition text of one scrape (a registry made for it, so nothing is kept)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BerthCollector(now))
+    return generate_latest(registry)
+
+
+def _authorized(request: HttpRequest) -> bool | None:
+    """True: a matching bearer token or an admin session. None: no credentials at all."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        expected = settings.BERTH_METRICS_TOKEN
+        return bool(
+            expected
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(token.strip().encode(), expected.encode())
+        )
+    user = request.user
+    if not user.is_authenticated:
+        return None
+    return bool(user.is_active and user.is_staff)
+
+
+@login_not_required
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus exposition; 401 without credentials, 403 with wrong ones."""
+    allowed = _authorized(request)
+    if allowed is None:
+        response = HttpResponse(
+            "Send Authorization: Bearer <BERTH_METRICS_TOKEN>, or sign in as an admin.\n",
+            status=401,
+            content_type="text/plain",
+        )
+        response["WWW-Authenticate"] = 'Bearer realm="berth-metrics"'
+        return response
+    if not allowed:
+        return HttpResponse(
+            "Wrong token or not an admin. Use the token in BERTH_METRICS_TOKEN.\n",
+            status=403,
+            content_type="text/plain",
+        )
+    return HttpResponse(render_metrics(), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,108 @@
+"""``manage.py berth_demo``: a console ready for a first deployment, idempotent, audited, and
+clear about what to install when Docker or busybox is missing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from accounts.models import Role, User
+from audit.models import AuditEvent
+from deployments import stand_in
+from deployments.models import EngineImage
+from gpus.hosts import local_host_name
+from gpus.models import Host
+from models_registry.inspection import inspect_directory
+from models_registry.models import StorageMount
+
+pytestmark = [pytest.mark.docker, pytest.mark.django_db]
+
+
+def run_demo(**options: Any) -> str:
+    out = io.StringIO()
+    call_command("berth_demo", stdout=out, **options)
+    return out.getvalue()
+
+
+@pytest.fixture
+def var_dir(settings: Any, tmp_path: Path) -> Path:
+    """A fresh ``var/`` for the demo's model directory."""
+    settings.VAR_DIR = tmp_path / "var"
+    return settings.VAR_DIR
+
+
+def test_demo_prepares_everything_a_first_deployment_needs(
+    var_dir: Path, engine_image: str
+) -> None:
+    output = run_demo(password="demo-password-1234")
+
+    image = EngineImage.objects.get(name="stand-in")
+    assert (image.reference, image.is_stand_in, image.cpu_capable, image.gpu_capable) == (
+        engine_image,
+        True,
+        True,
+        False,
+    )
+    assert image.health_command[0] == "curl"
+    assert Host.objects.filter(name=local_host_name(), docker_endpoint="").exists()
+    member = User.objects.get(username="demo")
+    assert member.role == Role.MEMBER
+    assert member.check_password("demo-password-1234")
+    assert list(member.teams.values_list("slug", flat=True)) == ["demo"]
+    mount = StorageMount.objects.get(name="demo")
+    assert mount.local_path == str((var_dir / "demo" / "models").resolve())
+    model_dir = Path(mount.local_path) / "demo" / "tiny-llama"
+    report = inspect_directory(model_dir, storage_root=Path(mount.local_path))
+    assert [f.code for f in report.findings if f.severity == "error"] == []
+    assert report.architecture == "LlamaForCausalLM"
+    assert "/demo/models/demo/tiny-llama" in output
+    assert "NOT vLLM" in output
+    actions = set(AuditEvent.objects.values_list("action", flat=True))
+    assert {
+        "image.saved",
+        "host.registered",
+        "team.created",
+        "account.created",
+        "team.member_added",
+        "storage.mount_saved",
+    } <= actions
+
+
+def test_a_second_run_changes_nothing(var_dir: Path, engine_image: str) -> None:
+    run_demo()
+    events = AuditEvent.objects.count()
+    model_config = var_dir / "demo" / "models" / "demo" / "tiny-llama" / "config.json"
+    written = model_config.stat().st_mtime_ns
+
+    output = run_demo()
+
+    assert AuditEvent.objects.count() == events
+    assert model_config.stat().st_mtime_ns == written
+    assert output.count("already") == 6
+    assert "password is unchanged" in output
+
+
+def test_a_stale_stand_in_reference_is_updated(var_dir: Path, engine_image: str) -> None:
+    EngineImage.objects.create(
+        name="stand-in", reference="berth-test/engine:000000000000", cpu_capable=True
+    )
+    run_demo()
+    assert EngineImage.objects.get(name="stand-in").reference == engine_image
+
+
+def test_without_docker_it_says_what_to_install(var_dir: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")  # nothing listens on port 1
+    with pytest.raises(CommandError, match=r"Docker is not reachable .*apt-get install docker"):
+        run_demo()
+    assert not EngineImage.objects.exists()
+
+
+def test_without_busybox_it_says_what_to_install(var_dir: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(stand_in, "BUSYBOX", var_dir / "no-busybox")
+    with pytest.raises(CommandError, match="apt-get install busybox-static"):
+        run_demo()
