@@ -64,7 +64,6 @@ def record(
     who = _actor(actor)
     team = team if team is not None else getattr(target, "team", None)
     event = AuditEvent(
-        time=timezone.now(),
         actor_id=who.user_id,
         actor_name=who.name[:150],
         actor_kind=who.kind,
@@ -80,8 +79,17 @@ def record(
     )
     with transaction.atomic(using=using):
         _lock_chain(using)
-        last = AuditEvent.objects.using(using).order_by("-seq").values_list("seq", "hash").first()
-        last_seq, prev_hash = last or (0, chain.GENESIS_HASH)
+        last = (
+            AuditEvent.objects.using(using)
+            .order_by("-seq")
+            .values_list("seq", "hash", "time")
+            .first()
+        )
+        last_seq, prev_hash, last_time = last or (0, chain.GENESIS_HASH, None)
+        # Stamped under the lock and never earlier than the previous event, so time does not
+        # decrease along the chain (a time range maps to one range of ``seq``: audit.filters).
+        now = timezone.now()
+        event.time = max(now, last_time) if last_time is not None else now
         event.seq = last_seq + 1
         event.prev_hash = prev_hash
         event.hash = chain.event_hash(prev_hash, _hashed_values(event))

@@ -4,6 +4,8 @@ from audit import views
 
 urlpatterns = [
     path("", views.review, name="audit-review"),
+    path("export.csv", views.export, {"fmt": "csv"}, name="audit-export-csv"),
+    path("export.jsonl", views.export, {"fmt": "jsonl"}, name="audit-export-jsonl"),
     path("verify/", views.request_verification, name="audit-verify"),
     path("events/<int:seq>/", views.event_detail, name="audit-event"),
 ]

@@ -2,37 +2,53 @@
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any
+from urllib.parse import urlencode
 
 import django_rq
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 from redis.exceptions import RedisError
 
 import audit
-from audit.actions import Action, ActorKind, Outcome
+from audit import chain, filters
+from audit.actions import Action, Outcome
 from audit.jobs import enqueue
 from audit.models import AuditEvent
+from audit.verification import latest_status
 
-PAGE_SIZE = 50
-# Exact-match filters taken from the query string: parameter -> model field.
-EXACT_FILTERS = {
-    "action": "action",
-    "outcome": "outcome",
-    "actor": "actor_name",
-    "kind": "actor_kind",
-    "team": "team_slug",
-    "request": "request_id",
-    "job": "job_id",
-    "target_type": "target_type",
-    "target_id": "target_id",
-}
+# Events of the same request or job shown on an event's page (each one query, capped).
+RELATED_LIMIT = 100
+EXPORT_BATCH = 1000
+EXPORT_FIELDS = (
+    "seq",
+    "time",
+    "actor_name",
+    "actor_kind",
+    "team_slug",
+    "action",
+    "outcome",
+    "target_type",
+    "target_id",
+    "target_repr",
+    "request_id",
+    "job_id",
+    "client_ip",
+    "payload_json",
+    "prev_hash",
+    "hash",
+)
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 def reviewer_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -51,37 +67,117 @@ def reviewer_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpRe
 
 @reviewer_required
 def review(request: HttpRequest) -> HttpResponse:
-    events = AuditEvent.objects.order_by("-seq")
-    filters = {
-        param: request.GET[param].strip()
-        for param in EXACT_FILTERS
-        if request.GET.get(param, "").strip()
-    }
-    events = events.filter(**{EXACT_FILTERS[param]: value for param, value in filters.items()})
-    before = _positive_int(request.GET.get("before"))
-    if before is not None:
-        events = events.filter(seq__lt=before)
-    page = list(events[: PAGE_SIZE + 1])
-    has_more = len(page) > PAGE_SIZE
-    page = page[:PAGE_SIZE]
+    """Filtered events, newest first, one keyset page at a time. The query count is fixed:
+    the page of events (plus two lookups for a time range) and the latest verification."""
+    form = filters.parse(request.GET)
+    events: list[AuditEvent] = []
+    next_before = None
+    if form.is_valid():
+        matching = form.events()
+        if form.before_seq is not None:
+            matching = matching.filter(seq__lt=form.before_seq)
+        events = list(matching[: form.page_size + 1])
+        if len(events) > form.page_size:
+            events = events[: form.page_size]
+            next_before = events[-1].seq
+    active = form.active() if form.is_valid() else {}
     context = {
-        "events": page,
-        "filters": filters,
-        "next_before": page[-1].seq if has_more else None,
-        "actions": Action.choices,
-        "outcomes": Outcome.choices,
-        "kinds": ActorKind.choices,
-        "is_first_page": before is None,
+        "form": form,
+        "events": events,
+        "filters": active,
+        "next_before": next_before,
+        "is_first_page": form.before_seq is None if form.is_valid() else True,
+        "export_query": urlencode(active),
+        "verification": latest_status(),
     }
     template = "audit/review.html#rows" if request.htmx else "audit/review.html"
-    return render(request, template, context)
+    return render(request, template, context, status=200 if form.is_valid() else 400)
+
+
+@reviewer_required
+def export(request: HttpRequest, fmt: str) -> HttpResponse:
+    """The filtered events as CSV or JSON Lines, newest first, streamed in keyset batches (the
+    export never holds more than one batch). The export is audited when it starts, with its
+    filters: a stream cannot know its row count in advance."""
+    form = filters.parse(request.GET)
+    if not form.is_valid():
+        errors = "; ".join(" ".join(messages_) for messages_ in form.errors.values())
+        return HttpResponse(f"Bad filter: {errors}\n", status=400, content_type="text/plain")
+    active = form.active()
+    audit.record(Action.AUDIT_EXPORTED, format=fmt, filters=active)
+    rows = _keyset_batches(form.events())
+    if fmt == "csv":
+        body = _csv_lines(rows)
+        content_type = "text/csv; charset=utf-8"
+    else:
+        body = _jsonl_lines(rows)
+        content_type = "application/x-ndjson; charset=utf-8"
+    response = StreamingHttpResponse(body, content_type=content_type)
+    stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
+    response["Content-Disposition"] = f'attachment; filename="berth-audit-{stamp}.{fmt}"'
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def _keyset_batches(events: QuerySet[AuditEvent]) -> Iterator[dict[str, Any]]:
+    """Every row of ``events`` (ordered newest first), EXPORT_BATCH at a time by ``seq``."""
+    before = None
+    while True:
+        batch = events if before is None else events.filter(seq__lt=before)
+        rows = list(batch.values(*EXPORT_FIELDS)[:EXPORT_BATCH])
+        yield from rows
+        if len(rows) < EXPORT_BATCH:
+            return
+        before = rows[-1]["seq"]
+
+
+class _Echo:
+    def write(self, value: str) -> str:
+        return value
+
+
+def _csv_safe(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def _csv_lines(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow(EXPORT_FIELDS)
+    for row in rows:
+        row["time"] = chain.canonical_time(row["time"])
+        yield writer.writerow([_csv_safe(row[name]) for name in EXPORT_FIELDS])
+
+
+def _jsonl_lines(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
+    for row in rows:
+        row["time"] = chain.canonical_time(row["time"])
+        row["payload"] = json.loads(row.pop("payload_json"))
+        yield json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n"
 
 
 @reviewer_required
 def event_detail(request: HttpRequest, seq: int) -> HttpResponse:
+    """One event with everything, and the other events of its request and of its job."""
     event = get_object_or_404(AuditEvent, seq=seq)
     payload = json.dumps(event.payload, indent=2, sort_keys=True)
-    return render(request, "audit/event.html", {"event": event, "payload": payload})
+    context = {
+        "event": event,
+        "payload": payload,
+        "same_request": _related("request_id", event.request_id),
+        "same_job": _related("job_id", event.job_id),
+        "related_limit": RELATED_LIMIT,
+    }
+    return render(request, "audit/event.html", context)
+
+
+def _related(field: str, value: str) -> list[AuditEvent]:
+    """Up to RELATED_LIMIT + 1 events sharing ``field`` (the extra one says "more"), oldest
+    first: one query on the (field, seq) index."""
+    if not value:
+        return []
+    return list(AuditEvent.objects.filter(**{field: value}).order_by("seq")[: RELATED_LIMIT + 1])
 
 
 @require_POST
@@ -102,9 +198,3 @@ def request_verification(request: HttpRequest) -> HttpResponse:
         f"Verification queued as job {job_id}; its result appears below as 'Chain verified'.",
     )
     return redirect("audit-review")
-
-
-def _positive_int(raw: str | None) -> int | None:
-    if raw is None or not raw.isdigit():
-        return None
-    return int(raw)

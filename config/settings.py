@@ -347,5 +347,16 @@ BERTH_STOP_TIMEOUT_S = env_int("BERTH_STOP_TIMEOUT_S", 30, minimum=1, maximum=60
 BERTH_PREWARM = env_choice("BERTH_PREWARM", ("auto", "on", "off"), "auto")
 BERTH_PREWARM_RAM_FRACTION = env_float(
     "BERTH_PREWARM_RAM_FRACTION", 0.8, minimum=0.05, maximum=0.95
+
+# --- Audit trail -----------------------------------------------------------------------------
+# The default worker verifies the whole hash chain this often and audits the result (0: never;
+# "Verify chain" on the review page still works).
+BERTH_AUDIT_VERIFY_INTERVAL_H = env_int(
+    "BERTH_AUDIT_VERIFY_INTERVAL_H", default=24, minimum=0, maximum=24 * 30
+)
+# Audit events older than this may be removed with ``manage.py prune_audit`` (0: keep forever,
+# the default; prune_audit then refuses without --force). GPU snapshot retention is
+# BERTH_GPU_RAW_RETENTION_H / BERTH_GPU_ROLLUP_RETENTION_D above, applied hourly by each agent.
+BERTH_AUDIT_RETENTION_DAYS = env_int("BERTH_AUDIT_RETENTION_DAYS", default=0, minimum=0)
 )
 BERTH_PREWARM_THREADS = env_int("BERTH_PREWARM_THREADS", 4, minimum=1, maximum=64)
