@@ -35,8 +35,9 @@ def write_shards(directory: Path, sizes: list[int]) -> list[Path]:
     return shards
 
 
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["sendfile", "preadv"])
 def test_prewarm_reads_every_byte_of_every_weight_file_into_the_page_cache(
-    tmp_path: Path,
+    tmp_path: Path, zero_copy: bool
 ) -> None:
     # Sizes that do not divide the chunk or block size, and a file smaller than one block.
     shards = write_shards(tmp_path / "model", [5 * MIB + 7, 3 * MIB, 100_000])
@@ -44,7 +45,9 @@ def test_prewarm_reads_every_byte_of_every_weight_file_into_the_page_cache(
     files = prewarm.weight_files(tmp_path / "model")
     assert files == shards  # largest first; config.json is not a weight file
 
-    result = prewarm.Prewarmer(files, threads=3, block_bytes=256 * 1024, chunk_bytes=MIB).run()
+    result = prewarm.Prewarmer(
+        files, threads=3, block_bytes=256 * 1024, chunk_bytes=MIB, zero_copy=zero_copy
+    ).run()
 
     assert result.bytes_read == result.total_bytes == sum(p.stat().st_size for p in shards)
     assert (result.files, result.cancelled, result.errors) == (3, False, ())
