@@ -35,6 +35,8 @@ def check_model_unchanged(deployment: Any, report: Any) -> None:
     errors = [finding for finding in report.findings if finding.severity == "error"]
     if errors:
         why = errors[0].message
+    elif (escape := outside_team_storage(model)) is not None:
+        why = escape
     elif model.fingerprint and report.fingerprint != model.fingerprint:
         why = "its files are not the ones inspected at registration (names, sizes or times differ)"
     else:
@@ -58,6 +60,20 @@ def check_model_unchanged(deployment: Any, report: Any) -> None:
             "",
         ),
     )
+
+
+def outside_team_storage(model: Any) -> str | None:
+    """Why ``model``'s directory, links resolved, is not in its team's part of the storage (a
+    link to another team's model, or out of the mount), or None when it is."""
+    from pathlib import Path
+
+    where = model.translation()
+    mount_root = Path(model.mount.local_path).resolve()
+    team_root = mount_root if model.mount.team_id else mount_root / model.team.slug
+    real = Path(where.local).resolve()
+    if real == team_root or team_root in real.parents:
+        return None
+    return f"{model.path} resolves to {real}, outside team {model.team.slug}'s storage"
 
 
 def pinned_image(client: docker.DockerClient, deployment: Any) -> str | None:

@@ -17,7 +17,7 @@ from accounts.access import team_ids
 from accounts.models import Team
 from audit.actions import Action, Outcome
 from audit.trail import denial_reason
-from deployments import planner
+from deployments import host_checks, planner
 from deployments.engine_args import EngineArgs, SchemaError, parse_engine_args, parse_environment
 from deployments.jobs import enqueue_delete, enqueue_launch, enqueue_stop
 from deployments.models import Deployment, EngineImage
@@ -129,6 +129,8 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
         errors["model"] = (
             "the model has inspection errors; fix them (see its page) and inspect it again"
         )
+    elif (escape := host_checks.outside_team_storage(data.model)) is not None:
+        errors["model"] = f"{escape}: register the team's own directory, not a link to another"
     if not data.image.enabled:
         errors["image"] = "this image is not on the allow-list any more"
     args, environment = EngineArgs(), {}
@@ -170,6 +172,11 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
         return 0, 1, {}, {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}
     if not data.image.gpu_capable:
         raise ValidationError({"gpu_count": "this image runs without GPUs only: set GPUs to 0"})
+    present = sum(1 for gpu in data.host.gpus.all() if gpu.present)
+    if data.gpu_count is not None and data.gpu_count > present:
+        raise ValidationError(
+            {"gpu_count": f"{data.host.name} has {present} GPUs: choose at most {present}"}
+        )
     result = plan_for(data.model, data.host, args, data.gpu_count)
     if not result.fits:
         if not data.override_reason or not getattr(user, "is_admin", False):

@@ -8,13 +8,15 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
 
+import audit
 from accounts.access import get_visible_or_404, role_required, visible_teams
 from accounts.models import Role
+from audit.actions import Action, Outcome
 from deployments import services
 from deployments.engine_args import SchemaError, parse_engine_args
 from deployments.forms import DeployForm
@@ -139,7 +141,7 @@ async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> Strea
 @require_POST
 @role_required(Role.MEMBER)
 def stop(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
-    deployment = _load(request, public_id)
+    deployment = _load(request, public_id, Action.DEPLOYMENT_STOP_REQUESTED)
     try:
         services.request_stop(request.user, deployment)
         messages.success(request, f"Stopping {deployment.name}.")
@@ -151,7 +153,7 @@ def stop(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
 @require_POST
 @role_required(Role.MEMBER)
 def restart(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
-    deployment = _load(request, public_id)
+    deployment = _load(request, public_id, Action.DEPLOYMENT_RESTART_REQUESTED)
     try:
         services.request_restart(request.user, deployment)
         messages.success(
@@ -165,7 +167,7 @@ def restart(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
 @require_POST
 @role_required(Role.MEMBER)
 def delete(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
-    deployment = _load(request, public_id)
+    deployment = _load(request, public_id, Action.DEPLOYMENT_DELETE_REQUESTED)
     try:
         services.request_delete(request.user, deployment)
     except ValidationError as exc:
@@ -177,9 +179,23 @@ def delete(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
     return redirect("deployments-index")
 
 
-def _load(request: HttpRequest, public_id: uuid.UUID) -> Deployment:
+def _load(request: HttpRequest, public_id: uuid.UUID, action: Action | None = None) -> Deployment:
+    """The deployment if this user may see it, else 404 — for another team's deployment too.
+    An action attempted on another team's deployment is audited as ``denied``."""
     queryset = Deployment.objects.select_related("team", "model__mount", "host", "image")
-    return get_visible_or_404(queryset, request.user, public_id=public_id)
+    try:
+        return get_visible_or_404(queryset, request.user, public_id=public_id)
+    except Http404:
+        other = Deployment.objects.filter(public_id=public_id).select_related("team").first()
+        if action is not None and other is not None:
+            audit.record(
+                action,
+                outcome=Outcome.DENIED,
+                team=other.team,
+                deployment=str(public_id),
+                reason="the deployment belongs to a team this user is not in",
+            )
+        raise
 
 
 def _detail_context(deployment: Deployment) -> dict:
