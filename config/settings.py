@@ -196,6 +196,9 @@ AUTH_PASSWORD_VALIDATORS = [
 SESSION_COOKIE_AGE = int(timedelta(hours=env_int("SESSION_HOURS", 12, minimum=1)).total_seconds())
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
+# An ops console holds root on the GPU hosts: the session ends with the browser too (and after
+# SESSION_HOURS in any case), and a new session id is issued at sign-in (Django's default).
+SESSION_EXPIRE_AT_BROWSER_CLOSE = env_bool("SESSION_EXPIRE_AT_BROWSER_CLOSE", default=True)
 CSRF_COOKIE_SAMESITE = "Lax"
 
 # --- Security headers ------------------------------------------------------------------------
@@ -218,6 +221,9 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", defa
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", default=False)
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1_048_576, minimum=1024)
+# Berth's largest form has ~15 fields; Django's 1,000 would only help a flood of fields.
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 200
+DATA_UPLOAD_MAX_NUMBER_FILES = 10
 
 # A strict policy: no inline script or style, nothing from another origin. Scripts carry the
 # per-response nonce (htmx is vendored and served from 'self').
@@ -341,12 +347,6 @@ if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", BERTH_INSTANCE):
 BERTH_GC_INTERVAL_H = env_int("BERTH_GC_INTERVAL_H", 24, minimum=0, maximum=24 * 30)
 BERTH_RECONCILE_INTERVAL_S = env_int("BERTH_RECONCILE_INTERVAL_S", 60, minimum=5, maximum=3600)
 BERTH_STOP_TIMEOUT_S = env_int("BERTH_STOP_TIMEOUT_S", 30, minimum=1, maximum=600)
-# Page-cache prewarm of a model's weights while its container starts (deployments/prewarm.py):
-# auto = on for network and object storage mounts; skipped when the weights exceed this fraction
-# of the host's available memory (vLLM's own auto-prefetch uses 90%, vllm.md §4.3).
-BERTH_PREWARM = env_choice("BERTH_PREWARM", ("auto", "on", "off"), "auto")
-BERTH_PREWARM_RAM_FRACTION = env_float(
-    "BERTH_PREWARM_RAM_FRACTION", 0.8, minimum=0.05, maximum=0.95
 
 # --- Audit trail -----------------------------------------------------------------------------
 # The default worker verifies the whole hash chain this often and audits the result (0: never;
@@ -358,5 +358,11 @@ BERTH_AUDIT_VERIFY_INTERVAL_H = env_int(
 # the default; prune_audit then refuses without --force). GPU snapshot retention is
 # BERTH_GPU_RAW_RETENTION_H / BERTH_GPU_ROLLUP_RETENTION_D above, applied hourly by each agent.
 BERTH_AUDIT_RETENTION_DAYS = env_int("BERTH_AUDIT_RETENTION_DAYS", default=0, minimum=0)
+# Page-cache prewarm of a model's weights while its container starts (deployments/prewarm.py):
+# auto = on for network and object storage mounts; skipped when the weights exceed this fraction
+# of the host's available memory (vLLM's own auto-prefetch uses 90%, vllm.md §4.3).
+BERTH_PREWARM = env_choice("BERTH_PREWARM", ("auto", "on", "off"), "auto")
+BERTH_PREWARM_RAM_FRACTION = env_float(
+    "BERTH_PREWARM_RAM_FRACTION", 0.8, minimum=0.05, maximum=0.95
 )
 BERTH_PREWARM_THREADS = env_int("BERTH_PREWARM_THREADS", 4, minimum=1, maximum=64)
