@@ -568,3 +568,66 @@ def test_hostile_input_is_refused_without_a_job_or_a_docker_call(
 def test_every_row_of_the_table_has_a_case() -> None:
     rows = {int(name.split("-")[1]) for name in CASES}
     assert rows == set(range(1, 32)), sorted(set(range(1, 32)) - rows)
+
+
+# --- row 12 on the real Docker engine, with the stand-in image ----------------------------------
+
+
+@pytest.fixture
+def pinned_launch(
+    team_a: Team, tmp_path: Path, docker_client: Any, engine_image: str
+) -> Iterator[Callable[[str], Deployment]]:
+    """Launch a queued CPU deployment of a real tiny model with an image pinned as given;
+    its containers and cache volume are removed afterwards."""
+    from django.conf import settings
+
+    write_model(tmp_path / "team-a" / "tiny")
+    model = reinspect(registered_model(team_a, tmp_path, "tiny"))
+    host = host_with_gpus(count=0)
+    made: list[Deployment] = []
+
+    def launch(reference: str) -> Deployment:
+        image = EngineImage(
+            name=f"pinned-{len(made)}", reference=reference, gpu_capable=False,
+            cpu_capable=True, is_stand_in=True, environment={"ENGINE_LOAD_SECONDS": "1"},
+        )  # fmt: skip
+        image.full_clean()
+        image.save()
+        deployment = Deployment.objects.create(
+            name=f"pinned-{len(made)}", team=team_a, model=model, host=host, image=image,
+            gpu_count=0, state=State.QUEUED, plan={"max_model_len": 2048},
+        )  # fmt: skip
+        made.append(deployment)
+        launcher.launch(deployment, deployment.generation)
+        deployment.refresh_from_db()
+        return deployment
+
+    yield launch
+    for deployment in made:
+        for container in docker_client.containers.list(
+            all=True, filters={"name": deployment.container_name}
+        ):
+            container.remove(force=True)
+        for volume in docker_client.volumes.list(
+            filters={"name": f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"}
+        ):
+            volume.remove(force=True)
+
+
+@pytest.mark.docker
+def test_case_12_a_pinned_image_runs_by_its_verified_id_and_another_digest_is_refused(
+    pinned_launch: Callable[[str], Deployment], docker_client: Any, engine_image: str
+) -> None:
+    repository = engine_image.rpartition(":")[0]
+    image_id = docker_client.images.get(engine_image).id  # a local build: no registry digest
+    running = pinned_launch(f"{repository}@{image_id}")
+    assert running.state == State.LOADING, running.last_error
+    assert docker_client.containers.get(running.container_name).attrs["Image"] == image_id
+
+    refused = pinned_launch(f"{repository}@sha256:{'0' * 64}")
+    assert refused.state == State.FAILED
+    assert refused.diagnosis[0]["code"] == "image-digest-mismatch"
+    assert image_id in refused.last_error  # says which digest the host has
+    assert not docker_client.containers.list(all=True, filters={"name": refused.container_name})
+    event = AuditEvent.objects.get(action="deployment.image_refused")
+    assert (event.outcome, event.target_id) == ("denied", str(refused.pk))
