@@ -1,38 +1,39 @@
 """Audit trail throughput: serialized, hash-chained appends and full-chain verification.
 
-Runs on a throw-away test database of whatever DATABASE_URL names (SQLite by default), so it
-never touches real data::
+Runs on a throw-away test database (SQLite of its own by default, or ``--database postgres``
+for ``$BENCH_POSTGRES_URL``), so it never touches real data::
 
-    .venv/bin/python benchmarks/audit_append.py                      # SQLite under var/
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/test .venv/bin/python benchmarks/audit_append.py
+    .venv/bin/python benchmarks/audit_append.py [--database postgres] [--quick]
 
 Prints a table (median and spread of several runs) and one JSON line.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-import django
-
-django.setup()
-
-from django.db import connection, connections  # noqa: E402
+from benchmarks._common import (
+    database_url_for,
+    emit_json,
+    print_table,
+    setup_django,
+    summary,
+    target,
+    throwaway_database,
+)
 
 RUNS = 5
 SERIAL_EVENTS = 500
 THREADS = 4
 EVENTS_PER_THREAD = 125
-VERIFY_EVENTS = 20_000
+VERIFY_EVENTS = 10_000
 
 
 def serial_appends() -> float:
@@ -56,6 +57,8 @@ def concurrent_appends() -> float:
         for index in range(EVENTS_PER_THREAD):
             audit.record(Action.GC_RAN, index=index)
         connections.close_all()
+
+    from django.db import connections
 
     threads = [threading.Thread(target=writer) for _ in range(THREADS)]
     started = time.perf_counter()
@@ -87,44 +90,51 @@ def fill_to(total: int) -> None:
         audit.record(Action.GC_RAN, index=index)
 
 
-def summary(name: str, values: list[float], unit: str) -> dict:
-    median = statistics.median(values)
-    spread = (max(values) - min(values)) / median * 100 if median else 0.0
-    print(f"{name:<34} {median:>12,.0f} {unit:<10} ±{spread:4.1f}% over {len(values)} runs")
-    return {
-        "name": name,
-        "median": round(median, 1),
-        "unit": unit,
-        "spread_pct": round(spread, 1),
-        "runs": len(values),
-    }
+def measure(name: str, values: list[float], unit: str) -> dict:
+    stats = summary(values, digits=1)
+    return {"name": name, "median": stats["median"], "unit": unit, **stats}
 
 
 def main() -> None:
-    old_name = connection.settings_dict["NAME"]
-    connection.creation.create_test_db(verbosity=0, autoclobber=True)
-    try:
-        vendor = connection.vendor
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database", default="sqlite", help="sqlite, postgres or a URL")
+    parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--verify-events", type=int, default=VERIFY_EVENTS)
+    parser.add_argument("--quick", action="store_true", help="3 runs, 5,000 events verified")
+    args = parser.parse_args()
+    runs = min(args.runs, 3) if args.quick else args.runs
+    verify_events = min(args.verify_events, 5_000) if args.quick else args.verify_events
+    setup_django(database_url_for(args.database))
+    with throwaway_database() as vendor:
         print(f"database: {vendor}; {os.cpu_count()} CPUs; Python {sys.version.split()[0]}")
         results = [
-            summary("serial record()", [serial_appends() for _ in range(RUNS)], "events/s"),
-            summary(
+            measure("serial record()", [serial_appends() for _ in range(runs)], "events/s"),
+            measure(
                 f"{THREADS} threads record()",
-                [concurrent_appends() for _ in range(RUNS)],
+                [concurrent_appends() for _ in range(runs)],
                 "events/s",
             ),
         ]
-        fill_to(VERIFY_EVENTS)
+        fill_to(verify_events)
         results.append(
-            summary(
-                f"verify ({VERIFY_EVENTS:,}+ events)",
-                [verification() for _ in range(RUNS)],
+            measure(
+                f"verify ({verify_events:,}+ events)",
+                [verification() for _ in range(runs)],
                 "events/s",
             )
         )
-        print(json.dumps({"benchmark": "audit_append", "database": vendor, "results": results}))
-    finally:
-        connection.creation.destroy_test_db(old_name, verbosity=0)
+    print_table(
+        [(r["name"], r["median"], r["unit"], f"{r['spread_pct']}%", r["n"]) for r in results],
+        ("measure", "median", "unit", "spread", "runs"),
+    )
+    emit_json(
+        "audit_append",
+        {
+            "database": vendor,
+            "results": results,
+            "targets": [target(r["name"] + " /s", r["median"], "record", None) for r in results],
+        },
+    )
 
 
 if __name__ == "__main__":

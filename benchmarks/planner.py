@@ -3,7 +3,7 @@
 
 Pure Python, no Django, no database::
 
-    .venv/bin/python benchmarks/planner.py
+    .venv/bin/python benchmarks/planner.py [--runs 5] [--quick]
 
 Prints one line per (model, GPU shape) with the chosen TP and the largest context that fits,
 then the throughput table (median of several runs), then one JSON line.
@@ -11,14 +11,15 @@ then the throughput table (median of several runs), then one JSON line.
 
 from __future__ import annotations
 
+import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._common import emit_json, print_table, summary, target
 from deployments.planner import GIB, PlanRequest, plan
 
 CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "model_configs"
@@ -46,6 +47,11 @@ def plans_per_second(work: list[tuple[str, dict, PlanRequest]]) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--quick", action="store_true", help="3 runs")
+    args = parser.parse_args()
+    runs = min(args.runs, 3) if args.quick else args.runs
     work = cases()
     for name, config, request in work:
         if request.max_model_len is None:
@@ -56,21 +62,23 @@ def main() -> None:
                 f"{name:32} {shape:12} TP {chosen!s:3} max_model_len "
                 f"{result.max_model_len:>6} largest fitting {result.max_model_len_supported:>6}"
             )
-    rates = [plans_per_second(work) for _ in range(RUNS)]
-    median = statistics.median(rates)
-    print(f"\n{'plans':>8} {'runs':>5} {'median plans/s':>15} {'min':>10} {'max':>10}")
-    print(f"{len(work):>8} {RUNS:>5} {median:>15.0f} {min(rates):>10.0f} {max(rates):>10.0f}")
-    print(
-        json.dumps(
-            {
-                "benchmark": "planner",
-                "plans": len(work),
-                "runs": RUNS,
-                "plans_per_second_median": round(median),
-                "min": round(min(rates)),
-                "max": round(max(rates)),
-            }
-        )
+    stats = summary([plans_per_second(work) for _ in range(runs)], digits=0)
+    print()
+    print_table(
+        [(len(work), runs, stats["median"], stats["min"], stats["max"], f"{stats['spread_pct']}%")],
+        ("plans", "runs", "median plans/s", "min", "max", "spread"),
+    )
+    emit_json(
+        "planner",
+        {
+            "plans": len(work),
+            "runs": runs,
+            "plans_per_second_median": stats["median"],
+            "min": stats["min"],
+            "max": stats["max"],
+            "spread_pct": stats["spread_pct"],
+            "targets": [target("plans per second (median)", stats["median"], "record", None)],
+        },
     )
 
 
