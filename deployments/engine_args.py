@@ -210,7 +210,7 @@ def parse_environment(data: Mapping[str, Any]) -> dict[str, str]:
         raise SchemaError({"environment": f"at most {MAX_VARIABLES} variables"})
     for name, raw in data.items():
         label = name if isinstance(name, str) and len(name) <= 64 else "environment"
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             errors[label] = (
                 "variable names are upper-case letters, digits and _ (e.g. NCCL_P2P_DISABLE)"
             )

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from deployments.engine_args import (
     ALLOWED_ENV,
+    MAX_VARIABLES,
+    REFUSED_ENV,
     EngineArgs,
     SchemaError,
     parse_engine_args,
@@ -161,3 +165,56 @@ def test_accepted_engine_args_render_to_safe_tokens(data: dict[str, object]) -> 
         return
     for token in argv:
         assert token.replace("-", "").replace(".", "").replace("_", "").isalnum(), token
+
+
+# --- properties of the environment validator ---------------------------------------------------
+
+HOSTILE_TEXT = st.text(
+    alphabet=st.sampled_from([*"AZaz09_=-./ $;`|&'\"\n\r\t\0\\", "\u0430", "\uff0f"]),
+    max_size=30,
+)
+ALLOWED_VALUES = st.one_of(
+    st.sampled_from(["0", "1", "DEBUG", "INFO", "WARN", "spawn", "fork", "true", "false", "8"]),
+    HOSTILE_TEXT,
+)
+
+
+@given(st.sampled_from(sorted(REFUSED_ENV)), HOSTILE_TEXT, st.sampled_from(sorted(ALLOWED_ENV)))
+def test_a_refused_variable_is_always_named_and_nothing_passes(
+    refused: str, value: str, allowed: str
+) -> None:
+    with pytest.raises(SchemaError) as error:
+        parse_environment({allowed: "1", refused: value})
+    assert refused in error.value.errors
+    assert "cannot be set" in error.value.errors[refused]
+
+
+@given(HOSTILE_TEXT.filter(lambda name: name not in ALLOWED_ENV), st.text(max_size=10))
+def test_a_name_off_the_allow_list_is_refused_whatever_it_looks_like(name: str, value: str) -> None:
+    with pytest.raises(SchemaError):
+        parse_environment({name: value})
+
+
+@given(st.dictionaries(st.sampled_from(sorted(ALLOWED_ENV)), ALLOWED_VALUES, max_size=5))
+def test_accepted_values_are_plain_tokens_from_each_variables_own_domain(
+    variables: dict[str, str],
+) -> None:
+    try:
+        accepted = parse_environment(variables)
+    except SchemaError as exc:
+        refused = set(exc.errors)
+    else:
+        refused = set()
+        assert accepted.keys() == variables.keys()
+        for name, value in accepted.items():
+            assert re.fullmatch(r"[A-Za-z0-9]{1,8}", value), (name, value)
+            assert ALLOWED_ENV[name](value) == value  # stable: validating again changes nothing
+    assert refused <= set(variables)  # every refusal names one of the inputs
+
+
+@given(st.integers(min_value=MAX_VARIABLES + 1, max_value=MAX_VARIABLES + 200))
+def test_more_variables_than_the_limit_are_refused_as_a_whole(count: int) -> None:
+    names = sorted(ALLOWED_ENV)
+    variables = {f"{names[index % len(names)]}_{index}": "1" for index in range(count)}
+    with pytest.raises(SchemaError, match=f"at most {MAX_VARIABLES}"):
+        parse_environment(variables)

@@ -127,3 +127,25 @@ def test_anything_accepted_is_canonical_and_stays_inside_the_mount(raw: str) -> 
     assert path.isascii()
     assert is_within(path, CEPH.canonical)
     assert is_within(translate(path, CEPH).local, CEPH.local)
+
+
+# Plain st.text() almost never draws "..", "//" or "%2f"; this alphabet draws them all the time.
+_HOSTILE_PATH = st.lists(
+    st.sampled_from([*"./-_a~ \\\n\0", "..", "%2f", "%252f", "\uff0f", "\u0430", "team-b"]),
+    max_size=16,
+).map("".join)
+
+
+@given(_HOSTILE_PATH)
+def test_traversal_shaped_input_never_leaves_the_mount(raw: str) -> None:
+    try:
+        path = normalize("/ceph/models/team-a/" + raw)
+    except PathError:
+        return
+    segments = path.split("/")[1:]
+    assert all(segment not in ("", ".", "..") for segment in segments)
+    assert not any(segment.startswith(("-", ".")) for segment in segments)
+    assert "%" not in path
+    assert "\\" not in path
+    assert posixpath.normpath(path) == path
+    assert is_within(path, "/ceph/models/team-a")
