@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth.decorators import login_not_required
 from django.db import connection
+from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
@@ -12,16 +15,37 @@ from redis.exceptions import RedisError
 from accounts.access import visible_teams
 from audit.models import AuditEvent
 from config.queues import redis_connection
+from deployments.models import Deployment
+from deployments.states import State
+from gpus.models import Host
+from models_registry.models import Model
 
 RECENT_EVENTS = 10
+RECENT_DEPLOYMENTS = 8
 
 
 def dashboard(request: HttpRequest) -> HttpResponse:
+    """What needs attention, and for a new member the next step (register, then deploy)."""
     user = request.user
-    context = {"teams": visible_teams(user).prefetch_related("members")}
+    context: dict[str, Any] = {"teams": visible_teams(user).prefetch_related("members")}
+    if user.is_member or user.is_admin:
+        context |= _operator_overview(user)
     if user.is_auditor or user.is_admin:
         context["recent_events"] = AuditEvent.objects.order_by("-seq")[:RECENT_EVENTS]
     return render(request, "dashboard.html", context)
+
+
+def _operator_overview(user: Any) -> dict[str, Any]:
+    deployments = Deployment.objects.visible_to(user)
+    rows = deployments.order_by().values("state").annotate(n=Count("pk"))
+    by_state = {row["state"]: row["n"] for row in rows}
+    recent = deployments.select_related("team", "model", "host", "image").order_by("-updated")
+    return {
+        "recent_deployments": recent[:RECENT_DEPLOYMENTS],
+        "deployment_states": [(s, s.label, by_state[s]) for s in State if by_state.get(s)],
+        "model_count": Model.objects.visible_to(user).count(),
+        "hosts": Host.objects.annotate(gpu_count=Count("gpus")).order_by("name"),
+    }
 
 
 @login_not_required

@@ -33,3 +33,11 @@ def params(value: int | None) -> str:
     if value >= 10**6:
         return f"{value / 10**6:,.0f} M"
     return f"{value:,}"
+
+
+@register.filter
+def mib_gib(value: int | None) -> str:
+    """MiB (as NVML reports GPU memory) shown as GiB: ``79.6 GiB``."""
+    if value is None or value == "":
+        return "—"
+    return gib(int(value) * 1024**2)

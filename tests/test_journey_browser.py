@@ -1,0 +1,235 @@
+"""The first-run journey in a real browser, as a new member and then an auditor would live it.
+
+On a console prepared by ``manage.py berth_demo`` (what ``BERTH_DEMO=1 make run`` runs): sign
+in, register the demo model (its inspection shows while typing), open the deploy form (the plan
+answers), deploy on the stand-in engine (NOT vLLM), watch the page go loading → ready through
+the stream without a reload, read the ``docker run`` line, stop it, then find every step in the
+audit review as the auditor. The console is served over ASGI (uvicorn, as ``make run`` does), a
+real RQ worker on the host's queue does the agent's work, the engine runs in the real Docker
+engine. The README's screenshots are taken here.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import global_settings
+from django.core.management import call_command
+from playwright.sync_api import expect
+
+from accounts.models import User
+from audit.models import AuditEvent
+from deployments.models import Deployment
+from gpus.models import Host
+from models_registry.models import Model
+from tests.conftest import BASE_DIR, PASSWORD, browser_login, screenshot, subprocess_env
+from tests.engine_image import wait_until
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.docker,
+    pytest.mark.redis,
+    pytest.mark.django_db(transaction=True),
+]
+
+DEMO_MODEL = "/demo/models/demo/tiny-llama"
+README_SCREENSHOTS = {
+    "journey-dashboard": "dashboard.png",
+    "journey-deployment-loading": "deployment-loading.png",
+}
+# Counts the status pushes the page receives over Server-Sent Events (htmx's SSE extension
+# fires htmx:sseMessage for each); the marker only survives if the page never reloads.
+WATCH_STREAM = """() => {
+  window.__journey = 'same page';
+  window.__pushes = 0;
+  document.body.addEventListener('htmx:sseMessage', () => { window.__pushes += 1; });
+}"""
+
+
+@pytest.fixture
+def demo_console(settings: Any, tmp_path: Path, engine_image: str) -> Host:
+    """The console after ``manage.py berth_demo`` (its var/ in tmp_path), demo member's
+    password known."""
+    settings.VAR_DIR = tmp_path / "var"
+    # The console runs in another process with Django's default hashers (tests use MD5).
+    settings.PASSWORD_HASHERS = global_settings.PASSWORD_HASHERS
+    call_command("berth_demo", password=PASSWORD, stdout=io.StringIO())
+    return Host.objects.get()
+
+
+def _manage(*args: str) -> list[str]:
+    return [sys.executable, str(BASE_DIR / "manage.py"), *args]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def _running(argv: list[str], **env: str) -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen(
+        argv,
+        env=subprocess_env(**env),
+        cwd=BASE_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def console_url(demo_console: Host) -> Iterator[str]:
+    """The console served over ASGI as ``make run`` serves it (the status stream needs ASGI;
+    pytest-django's live server is WSGI), plus a real worker on the demo host's queue, as the
+    host's agent runs it. Both share this test's database and Redis."""
+    port = _free_port()
+    web = [
+        sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
+        "--port", str(port), "--lifespan", "off", "--no-access-log",
+    ]  # fmt: skip
+    worker = _manage("berth_worker", demo_console.queue_name, "--with-scheduler")
+    url = f"http://127.0.0.1:{port}"
+    with _running(web), _running(worker, BERTH_MONITOR_INTERVAL_S="0.5"):
+        wait_until(lambda: _answers(f"{url}/healthz"), timeout=60, what="the ASGI console")
+        yield url
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def console_page(browser: Any, console_url: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A browser page on the ASGI console; console errors fail the test, as ``page`` does."""
+    context = browser.new_context(base_url=console_url, viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on(
+        "console", lambda message: errors.append(message.text) if message.type == "error" else None
+    )
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        screenshot(page, f"failed-{request.node.name}")
+    context.close()
+    assert errors == [], f"browser console errors: {errors}"
+
+
+def test_a_new_member_deploys_the_demo_model_and_the_auditor_finds_every_step(
+    console_page: Any, demo_console: Host, carol: User
+) -> None:
+    page = console_page
+    carol.set_password(PASSWORD)  # hashed again with the console's hashers
+    carol.save()
+    browser_login(page, "demo")
+    expect(page.get_by_role("heading", name="Your first deployment")).to_be_visible()
+
+    # Register the model: the inspection shows while the path is typed, then on its page.
+    page.get_by_role("link", name="Register a model").first.click()
+    page.get_by_label("Path").fill(DEMO_MODEL)
+    expect(page.locator("#preview")).to_contain_text("Deployable")
+    expect(page.locator("#preview")).to_contain_text("LlamaForCausalLM")
+    page.get_by_role("button", name="Register and inspect").click()
+    expect(page.get_by_role("heading", name="tiny-llama")).to_be_visible()
+    expect(page.get_by_text("LlamaForCausalLM")).to_be_visible()
+    model = Model.objects.get()
+
+    # The deploy form: the plan answers as the form changes.
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Deployments").click()
+    page.get_by_role("link", name="Deploy a model").first.click()
+    page.locator("#id_name").fill("tiny-chat")
+    page.locator("#id_model").select_option(str(model.pk))
+    page.locator("#id_host").select_option(str(demo_console.pk))
+    page.locator("#id_image").select_option(label="stand-in (" + _stand_in_reference() + ")")
+    page.locator("#id_max_model_len").fill("2048")
+    plan = page.locator("#plan")
+    expect(plan).to_contain_text("reports no GPUs")  # this laptop-like host has none
+    page.locator("#id_gpu_count").fill("0")
+    expect(plan).to_contain_text("0 GPUs: a CPU engine, nothing to plan.")
+    screenshot(page, "journey-deploy-form")
+
+    # Deploy, then watch the same page go loading -> ready, pushed over SSE.
+    page.get_by_role("button", name="Deploy").click()
+    page.wait_for_url("**/deployments/*-*-*/")
+    page.evaluate(WATCH_STREAM)
+    state = page.locator("#status [data-state]")
+    expect(page.get_by_text("stand-in engine")).to_be_visible()
+    expect(state).to_have_attribute("data-state", "loading", timeout=30_000)
+    expect(page.get_by_label("Start-up in progress")).to_be_visible()
+    screenshot(page, "journey-deployment-loading")
+    expect(state).to_have_attribute("data-state", "ready", timeout=30_000)
+    assert page.evaluate("window.__journey") == "same page"
+    assert page.evaluate("window.__pushes") >= 2  # at least loading and ready arrived pushed
+    expect(page.locator(".run-line")).to_contain_text("docker run --detach")
+    expect(page.locator(".timeline")).to_contain_text("the engine answers /health")
+    screenshot(page, "journey-deployment-ready")
+
+    page.get_by_role("link", name="Dashboard").click()
+    expect(page.get_by_role("link", name="demo/tiny-chat")).to_be_visible()
+    screenshot(page, "journey-dashboard")
+
+    page.get_by_role("link", name="demo/tiny-chat").click()
+    page.get_by_role("button", name="Stop").click()
+    expect(state).to_have_attribute("data-state", "stopped", timeout=30_000)
+    deployment = Deployment.objects.get()
+    assert deployment.container_id
+
+    # The auditor finds each step of the journey in the review.
+    page.get_by_role("button", name="Sign out").click()
+    browser_login(page, "carol")
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Audit").click()
+    rows = page.locator("#audit-rows")
+    for action in (
+        "model.registered",
+        "deployment.launch_requested",
+        "deployment.state_changed",
+        "deployment.stop_requested",
+    ):
+        expect(rows.get_by_text(action, exact=True).first).to_be_visible()
+    for new_state in ("launching", "ready", "stopped"):
+        event = AuditEvent.objects.get(
+            action="deployment.state_changed", payload_json__contains=f'"new":"{new_state}"'
+        )
+        page.goto(f"/audit/events/{event.seq}/")
+        expect(page.locator(".payload")).to_contain_text(f'"new": "{new_state}"')
+        expect(page.get_by_text(deployment.name).first).to_be_visible()
+    screenshot(page, "journey-audit-event")
+    _publish_readme_screenshots()
+
+
+def _stand_in_reference() -> str:
+    from deployments.models import EngineImage
+
+    return EngineImage.objects.get(name="stand-in").reference
+
+
+def _publish_readme_screenshots() -> None:
+    """The README shows what this test saw: copy its screenshots to ``docs/screenshots/``."""
+    target = BASE_DIR / "docs" / "screenshots"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, readme_name in README_SCREENSHOTS.items():
+        shutil.copyfile(
+            BASE_DIR / "artifacts" / "screenshots" / f"{name}.png", target / readme_name
+        )
