@@ -69,9 +69,11 @@ class DeployForm(forms.Form):
         super().__init__(*args, **kwargs)
         teams = visible_teams(user)
         self.fields["team"].queryset = teams
-        self.fields["model"].queryset = Model.objects.filter(
-            team__in=teams, status__in=[ModelStatus.OK, ModelStatus.WARNINGS]
-        ).select_related("team")
+        self.fields["model"].queryset = (
+            Model.objects.visible_to(user)
+            .filter(status__in=[ModelStatus.OK, ModelStatus.WARNINGS])
+            .select_related("team")
+        )
         self.fields["host"].queryset = Host.objects.order_by("name")
         if not getattr(user, "is_admin", False):
             del self.fields["override_reason"]
