@@ -161,7 +161,8 @@ def test_query_count_does_not_grow_with_page_size(carol: User) -> None:
             response = client.get("/audit/", {"size": size, "since": "2000-01-01T00:00"})
         assert len(_seqs(response.content.decode())) == size
         counts[size] = len(queries)
-    assert counts[10] == counts[200] <= 8, counts
+    assert counts[10] == counts[200], counts
+    assert 3 <= counts[10] <= 8, counts
 
 
 def test_event_detail_lists_the_other_events_of_its_request_and_job(
@@ -189,7 +190,7 @@ def test_event_detail_caps_related_events_and_links_to_the_rest(carol: User) -> 
         html = client.get(f"/audit/events/{first.seq}/").content.decode()
     assert html.count('<td><a href="/audit/events/') == views.RELATED_LIMIT - 1
     assert "/audit/?request=busy" in html
-    assert len(queries) <= 6
+    assert 3 <= len(queries) <= 6
 
 
 def _stream(response) -> str:
