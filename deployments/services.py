@@ -6,7 +6,9 @@ as ``denied``; every accepted request is audited and enqueued on the host's queu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import wraps
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -221,6 +223,32 @@ def _check_team_quota(team: Team, wanted: int) -> None:
             )
 
 
+def refusals_audited(action: Action) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Audit a refused action on a deployment as ``denied`` (after its transaction rolled back,
+    so the record stays) and re-raise the refusal."""
+
+    def decorator(service: Callable[..., None]) -> Callable[..., None]:
+        @wraps(service)
+        def wrapped(user: Any, deployment: Deployment) -> None:
+            try:
+                service(user, deployment)
+            except ValidationError as exc:
+                audit.record(
+                    action,
+                    outcome=Outcome.DENIED,
+                    target=deployment,
+                    actor=user,
+                    state=str(deployment.state),
+                    reason=denial_reason(exc),
+                )
+                raise
+
+        return wrapped
+
+    return decorator
+
+
+@refusals_audited(Action.DEPLOYMENT_STOP_REQUESTED)
 def request_stop(user: Any, deployment: Deployment) -> None:
     """Ask the host's agent to stop the engine (audited)."""
     if deployment.state not in ACTIVE - {State.STOPPING}:
@@ -236,6 +264,7 @@ def request_stop(user: Any, deployment: Deployment) -> None:
         enqueue_stop(deployment)
 
 
+@refusals_audited(Action.DEPLOYMENT_DELETE_REQUESTED)
 def request_delete(user: Any, deployment: Deployment) -> None:
     """Ask the host to remove what is left (cache volume, stray containers), then the record.
     The audit trail keeps the deployment's history."""
@@ -248,6 +277,7 @@ def request_delete(user: Any, deployment: Deployment) -> None:
         enqueue_delete(deployment)
 
 
+@refusals_audited(Action.DEPLOYMENT_RESTART_REQUESTED)
 def request_restart(user: Any, deployment: Deployment) -> None:
     """Start a new generation of a failed or stopped deployment."""
     if deployment.state not in (State.FAILED, State.STOPPED):

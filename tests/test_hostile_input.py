@@ -477,6 +477,15 @@ def _(w: World) -> Outcome:
     return Outcome(second.response, "name", jobs=1, deployments=1)
 
 
+@case("case-30-stop-submitted-twice")
+def _(w: World) -> Outcome:
+    path = f"/deployments/{w.deployment.public_id}/stop/"
+    first, second = w.alice.post(path), w.alice.post(path, follow=True)
+    assert (first.status_code, second.status_code) == (302, 200)
+    assert "cannot be stopped" in second.content.decode()
+    return Outcome(None, None, audit="deployment.stop_requested", jobs=1)
+
+
 @case("case-31-10mb-body")
 def _(w: World) -> Outcome:
     outcome = api(w, "body", b'{"name": "' + b"a" * 10_000_000 + b'"}')
