@@ -419,3 +419,35 @@ def test_remote_code_only_for_models_an_admin_approved(
     deployment = Deployment.objects.get()
     assert deployment.engine_args["trust_remote_code"] is True
     get_queue(setup["host"].queue_name).empty()
+
+
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_the_json_api_deploys_with_the_session_and_the_csrf_header(
+    alice: User, setup: dict[str, Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    client.get("/deployments/new/")  # the CSRF cookie, as a page of the console would have it
+    body = {
+        "team": "team-a", "model": setup["model"].pk, "host": setup["host"].name,
+        "image": "vllm", "name": "tiny", "engine_args": {"max_model_len": 2048},
+        "environment": {"NCCL_DEBUG": "WARN"},
+    }  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(
+            "/deployments/api/",
+            json.dumps(body),
+            content_type="application/json",
+            HTTP_X_CSRFTOKEN=client.cookies["csrftoken"].value,
+        )
+    assert response.status_code == 201, response.content
+    deployment = Deployment.objects.get()
+    assert response.json() == {
+        "id": str(deployment.public_id),
+        "state": "queued",
+        "url": f"/deployments/{deployment.public_id}/",
+    }
+    assert deployment.environment == {"NCCL_DEBUG": "WARN"}
+    assert get_queue(setup["host"].queue_name).job_ids == [f"launch-{deployment.pk}-1"]
+    get_queue(setup["host"].queue_name).empty()
