@@ -11,6 +11,7 @@ engine. The README's screenshots are taken here.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import socket
@@ -32,7 +33,14 @@ from audit.models import AuditEvent
 from deployments.models import Deployment
 from gpus.models import Host
 from models_registry.models import Model
-from tests.conftest import BASE_DIR, PASSWORD, browser_login, screenshot, subprocess_env
+from tests.conftest import (
+    BASE_DIR,
+    PASSWORD,
+    TEST_INSTANCE,
+    browser_login,
+    screenshot,
+    subprocess_env,
+)
 from tests.engine_image import wait_until
 
 pytestmark = [
@@ -94,7 +102,7 @@ def _running(argv: list[str], **env: str) -> Iterator[subprocess.Popen]:
 
 
 @pytest.fixture
-def console_url(demo_console: Host) -> Iterator[str]:
+def console_url(demo_console: Host, docker_client: Any) -> Iterator[str]:
     """The console served over ASGI as ``make run`` serves it (the status stream needs ASGI;
     pytest-django's live server is WSGI), plus a real worker on the demo host's queue, as the
     host's agent runs it. Both share this test's database and Redis."""
@@ -105,9 +113,24 @@ def console_url(demo_console: Host) -> Iterator[str]:
     ]  # fmt: skip
     worker = _manage("berth_worker", demo_console.queue_name, "--with-scheduler")
     url = f"http://127.0.0.1:{port}"
-    with _running(web), _running(worker, BERTH_MONITOR_INTERVAL_S="0.5"):
-        wait_until(lambda: _answers(f"{url}/healthz"), timeout=60, what="the ASGI console")
-        yield url
+    try:
+        with _running(web), _running(worker, BERTH_MONITOR_INTERVAL_S="0.5"):
+            wait_until(lambda: _answers(f"{url}/healthz"), timeout=60, what="the ASGI console")
+            yield url
+    finally:
+        _remove_engines(docker_client)
+
+
+def _remove_engines(client: Any) -> None:
+    """Whatever the test left (a failure before Stop): its engines and their cache volumes."""
+    import docker.errors
+
+    for pk in Deployment.objects.values_list("pk", flat=True):
+        labels = [f"berth.instance={TEST_INSTANCE}", f"berth.deployment={pk}"]
+        for container in client.containers.list(all=True, filters={"label": labels}):
+            container.remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            client.volumes.get(f"{TEST_INSTANCE}-cache-{pk}").remove(force=True)
 
 
 def _answers(url: str) -> bool:
