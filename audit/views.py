@@ -87,11 +87,14 @@ def review(request: HttpRequest) -> HttpResponse:
         "filters": active,
         "next_before": next_before,
         "is_first_page": form.before_seq is None if form.is_valid() else True,
+        "filter_valid": form.is_valid(),
         "export_query": urlencode(active),
         "verification": latest_status(),
     }
     template = "audit/review.html#rows" if request.htmx else "audit/review.html"
-    return render(request, template, context, status=200 if form.is_valid() else 400)
+    # Invalid filters re-render the form with its errors (200, as a form page does); the
+    # exports, read by programs, answer 400.
+    return render(request, template, context)
 
 
 @reviewer_required
