@@ -79,6 +79,7 @@ def test_check_deploy_fails_on_a_weak_production_key(tmp_path: Any) -> None:
         ("changeme" + secrets.token_urlsafe(50), "placeholder"),
         (secrets.token_urlsafe(50), None),
     ],
+    ids=["short", "low-entropy", "django-insecure", "placeholder", "random"],  # keys are random
 )
 def test_secret_key_strength(key: str, problem: str | None) -> None:
     found = secret_key_problem(key)
