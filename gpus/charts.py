@@ -5,12 +5,15 @@ so widths are SVG geometry, colours are CSS classes)::
 
     bar = memory_bar(total=81559, berth=0, foreign=21453, free=59627)   # percentages
     line = history_line([(t0, 12.0), (t1, 40.0)], start=t0, end=t1, y_max=100)
+    rows = downsample(rows, start=t0, end=t1)   # at most one row per pixel column
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 CHART_WIDTH = 600
 CHART_HEIGHT = 120
@@ -75,3 +78,30 @@ def history_line(
         points.append(f"{x:.1f},{y:.1f}")
         latest = value
     return Line(" ".join(points), y_max, latest, len(points))
+
+
+def downsample(
+    rows: Sequence[tuple[Any, ...]], *, start: datetime, end: datetime, columns: int = CHART_WIDTH
+) -> list[tuple[Any, ...]]:
+    """At most one row per pixel column of the chart (plus the last reading), so a day of
+    5-second readings (17,280 rows) draws 600 points, not 86,400 (benchmarks/pages_at_scale.py).
+    ``rows`` are (time, value, ...) in time order; each column keeps the highest value of every
+    field (a spike must stay visible), at the time of its last row; None only when every row
+    in the column is None. The very last reading is kept as it is, for the "latest" labels."""
+    if len(rows) <= columns:
+        return list(rows)
+    span = max((end - start).total_seconds(), 1.0)
+    buckets: dict[int, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        column = min(int((row[0] - start).total_seconds() / span * columns), columns - 1)
+        buckets.setdefault(column, []).append(row)
+    reduced = [_highest(group) for _, group in sorted(buckets.items())]
+    if len(buckets[max(buckets)]) > 1:
+        reduced.append(rows[-1])
+    return reduced
+
+
+def _highest(group: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    fields = zip(*(row[1:] for row in group), strict=True)
+    peaks = [max((v for v in values if v is not None), default=None) for values in fields]
+    return (group[-1][0], *peaks)

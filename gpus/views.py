@@ -17,8 +17,9 @@ from django.utils import timezone
 from accounts.access import role_required
 from accounts.models import Role
 from gpus import charts
+from gpus.history import chart_rows
 from gpus.inventory import stale_after
-from gpus.models import Gpu, GpuSnapshot, Host
+from gpus.models import Gpu, Host
 
 HISTORY_WINDOWS_H = (1, 6, 24, 168)
 DEFAULT_WINDOW_H = 6
@@ -72,18 +73,7 @@ def gpu_detail(request: HttpRequest, name: str, index: int) -> HttpResponse:
     gpu = get_object_or_404(Gpu.objects.select_related("host"), host__name=name, index=index)
     hours = _window(request.GET.get("hours"))
     start = now - timedelta(hours=hours)
-    rows = list(
-        GpuSnapshot.objects.filter(gpu=gpu, time__gte=start)
-        .order_by("time")
-        .values_list(
-            "time",
-            "memory_used_mib",
-            "memory_foreign_mib",
-            "utilization_gpu_pct",
-            "temperature_c",
-            "power_w",
-        )
-    )
+    rows, samples = chart_rows(gpu, start=start, end=now)
     total = gpu.memory_total_mib or max((row[1] or 0 for row in rows), default=0)
     power_top = gpu.power_limit_w or max((row[5] or 0 for row in rows), default=0)
 
@@ -97,7 +87,7 @@ def gpu_detail(request: HttpRequest, name: str, index: int) -> HttpResponse:
         "host": gpu.host,
         "hours": hours,
         "windows": HISTORY_WINDOWS_H,
-        "samples": len(rows),
+        "samples": samples,
         "chart": {"width": charts.CHART_WIDTH, "height": charts.CHART_HEIGHT},
         "lines": [
             ("Memory used (MiB)", "memory", line(1, total), total),
