@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import wraps
+from itertools import islice
 from typing import Any
 from urllib.parse import urlencode
 
 import django_rq
+from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -115,7 +118,7 @@ def export(request: HttpRequest, fmt: str) -> HttpResponse:
     else:
         body = _jsonl_lines(rows)
         content_type = "application/x-ndjson; charset=utf-8"
-    response = StreamingHttpResponse(body, content_type=content_type)
+    response = StreamingHttpResponse(_served(request, body), content_type=content_type)
     stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
     response["Content-Disposition"] = f'attachment; filename="berth-audit-{stamp}.{fmt}"'
     response["X-Content-Type-Options"] = "nosniff"
@@ -132,6 +135,35 @@ def _keyset_batches(events: QuerySet[AuditEvent]) -> Iterator[dict[str, Any]]:
         if len(rows) < EXPORT_BATCH:
             return
         before = rows[-1]["seq"]
+
+
+def _served(request: HttpRequest, lines: Iterator[str]) -> Iterator[str] | AsyncIterator[str]:
+    """The lines as the server needs them. Under ASGI (how Berth runs) Django would read a
+    plain iterator into one list before sending anything, so the export is handed over as an
+    async iterator that fetches each batch in the ORM's thread; under WSGI, as is."""
+    if not isinstance(request, ASGIRequest):
+        return lines
+    return _async_chunks(lines)
+
+
+async def _async_chunks(lines: Iterator[str]) -> AsyncIterator[str]:
+    take = sync_to_async(_next_chunk, thread_sensitive=True)
+    try:
+        while chunk := await take(lines):
+            yield chunk
+    finally:
+        await sync_to_async(_close, thread_sensitive=True)(lines)
+
+
+def _next_chunk(lines: Iterator[str]) -> str:
+    """Up to one export batch of lines, joined (one thread hop per batch, not per row)."""
+    return "".join(islice(lines, EXPORT_BATCH))
+
+
+def _close(lines: Iterator[str]) -> None:
+    close = getattr(lines, "close", None)
+    if close is not None:
+        close()
 
 
 class _Echo:

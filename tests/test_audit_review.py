@@ -10,9 +10,10 @@ import re
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError, connection, transaction
-from django.test import Client
+from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -228,6 +229,30 @@ def test_csv_export_streams_the_filtered_set_in_batches_and_is_injection_safe(
         "carol",
         {"format": "csv", "filters": {"action": "gc.ran"}},
     )
+
+
+def test_export_under_asgi_streams_batch_by_batch(
+    carol: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ASGI (how Berth is served) Django would buffer a plain iterator whole; the export
+    hands over an async iterator instead, one batch per chunk."""
+    monkeypatch.setattr(views, "EXPORT_BATCH", 3)
+    for index in range(7):
+        audit.record(Action.GC_RAN, index=index)
+
+    @async_to_sync
+    async def first_chunks() -> tuple[bool, list[bytes]]:
+        client = AsyncClient()
+        await client.aforce_login(carol)
+        response = await client.get("/audit/export.jsonl", {"action": "gc.ran"})
+        chunks = [chunk async for chunk in response.streaming_content]
+        return response.is_async, chunks
+
+    is_async, chunks = first_chunks()
+    assert is_async
+    assert [chunk.count(b"\n") for chunk in chunks] == [3, 3, 1]
+    seqs = [json.loads(line)["seq"] for line in b"".join(chunks).splitlines()]
+    assert seqs == [7, 6, 5, 4, 3, 2, 1]
 
 
 def test_jsonl_export_has_one_object_per_event_with_its_payload(
