@@ -11,6 +11,7 @@ TOCTOU, R1 tag swap). The launcher calls these two checks last; each refusal is 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import audit
@@ -74,6 +75,20 @@ def outside_team_storage(model: Any) -> str | None:
     if real == team_root or team_root in real.parents:
         return None
     return f"{model.path} resolves to {real}, outside team {model.team.slug}'s storage"
+
+
+def resolved_host_path(model: Any) -> str:
+    """The bind-mount source with links resolved here, right before create: Docker resolves
+    links in a bind source itself (moby#3566), so handing it the resolved directory leaves no
+    link to swap between this check and the daemon's (reliability-security.md §1.5 (b))."""
+    import posixpath
+    from pathlib import Path
+
+    where = model.translation()
+    relative = os.path.relpath(Path(where.local).resolve(), Path(model.mount.local_path).resolve())
+    if relative == "." or relative.startswith(".."):
+        return where.host  # outside the mount: the launch check refuses it
+    return posixpath.join(model.mount.host_path, relative)
 
 
 def pinned_image(client: docker.DockerClient, deployment: Any) -> str | None:

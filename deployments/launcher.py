@@ -214,7 +214,7 @@ def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> Launch
         generation=deployment.generation,
         team=deployment.team.slug,
         image=deployment.image.reference,
-        model_host_path=where.host,
+        model_host_path=host_checks.resolved_host_path(deployment.model),
         model_container_path=where.container,
         served_model_name=deployment.name,
         host_port=port,

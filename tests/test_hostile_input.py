@@ -640,3 +640,21 @@ def test_case_12_a_pinned_image_runs_by_its_verified_id_and_another_digest_is_re
     assert not docker_client.containers.list(all=True, filters={"name": refused.container_name})
     event = AuditEvent.objects.get(action="deployment.image_refused")
     assert (event.outcome, event.target_id) == ("denied", str(refused.pk))
+
+
+def test_case_10_docker_is_given_the_resolved_directory_not_a_link(
+    team_a: Team, tmp_path: Path
+) -> None:
+    """Docker resolves links in a bind source itself; the launcher hands it the directory the
+    link points to now, so a swap after the check cannot redirect the mount."""
+    write_model(tmp_path / "team-a" / "llama")
+    (tmp_path / "team-a" / "alias").symlink_to("llama")
+    model = registered_model(team_a, tmp_path, "alias")
+    deployment = Deployment.objects.create(
+        name="alias", team=team_a, model=model, host=host_with_gpus(count=0),
+        image=EngineImage.objects.create(name="vllm", reference="vllm/vllm-openai:v0.11.0"),
+        gpu_count=0, plan={"max_model_len": 2048},
+    )  # fmt: skip
+    spec = launcher.build_spec(deployment, [], 30000)
+    assert spec.model_host_path == str(tmp_path / "team-a" / "llama")
+    assert spec.model_container_path == "/models/team-a/alias"
