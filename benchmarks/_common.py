@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sqlite3
 import statistics
 import sys
@@ -243,10 +244,12 @@ def setup_django(database_url: str | None = None) -> None:
 
     The database is ``database_url``, else ``$DATABASE_URL``, else a SQLite file private to this
     process under ``var/bench/``; Redis is ``redis_url()``. Child processes inherit both
-    through ``os.environ``.
+    through ``os.environ``. SIGTERM (``run.py`` stopping a script over its budget) raises
+    SystemExit, so ``throwaway_database()`` and other ``finally`` blocks still clean up.
     """
     import django
 
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if database_url is None and "DATABASE_URL" not in os.environ:
         script = Path(sys.argv[0]).stem or "bench"
         database_url = f"sqlite:///{BASE_DIR / 'var' / 'bench' / f'{script}-{os.getpid()}.sqlite3'}"
@@ -257,6 +260,10 @@ def setup_django(database_url: str | None = None) -> None:
     django.setup()
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
 def throwaway_database() -> Iterator[str]:
     """Create Django's test copy of the configured database (migrated, empty), yield the
@@ -264,8 +271,11 @@ def throwaway_database() -> Iterator[str]:
     from django.db import connection
 
     old_name = connection.settings_dict["NAME"]
-    connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
+    test_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
     try:
         yield connection.vendor
     finally:
         connection.creation.destroy_test_db(old_name, verbosity=0)
+        if connection.vendor == "sqlite":  # WAL sidecars a child process left behind
+            for suffix in ("-wal", "-shm"):
+                Path(f"{test_name}{suffix}").unlink(missing_ok=True)

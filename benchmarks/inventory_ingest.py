@@ -125,7 +125,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--database", default="sqlite", help="sqlite, postgres or a URL")
     parser.add_argument("--hosts", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=5, help="ingest rounds over every host")
+    parser.add_argument("--rounds", type=int, default=3, help="ingest rounds over every host")
     parser.add_argument("--writers", type=int, default=4, help="concurrent writer threads")
     parser.add_argument("--agent-rounds", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="2 rounds, 10 agent rounds")
