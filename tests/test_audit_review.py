@@ -403,6 +403,7 @@ def test_prune_checkpoints_then_deletes_and_the_chain_still_verifies() -> None:
     out = io.StringIO()
     call_command("audit_verify", stdout=out)
     assert "audit chain intact: 4 events" in out.getvalue()
+    assert "from the prune checkpoint after sequence 3" in out.getvalue()
 
     # A second prune removes the first checkpoint too; the newest checkpoint explains the gap.
     later = audit.record(Action.GC_RAN)

@@ -1,4 +1,7 @@
-"""``manage.py audit_verify``: recompute the audit hash chain; exit 1 at the first break."""
+"""``manage.py audit_verify``: recompute the audit hash chain; exit 1 at the first break.
+
+After ``prune_audit`` the chain is verified from the checkpoint its ``audit.pruned`` event
+recorded; a missing head without such a checkpoint is reported like any other gap."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.verification import verify_and_record, verify_stored_chain
+from audit.verification import current_checkpoint, verify_and_record, verify_stored_chain
 
 
 class Command(BaseCommand):
@@ -26,6 +29,12 @@ class Command(BaseCommand):
                 f"audit chain broken at sequence {result.first_bad_seq}: {result.reason} "
                 f"({result.checked} events verified before it)"
             )
+        checkpoint = current_checkpoint()
+        since = (
+            f" (from the prune checkpoint after sequence {checkpoint.through_seq})"
+            if checkpoint
+            else ""
+        )
         self.stdout.write(
-            f"audit chain intact: {result.checked} events, last sequence {result.last_seq}"
+            f"audit chain intact: {result.checked} events, last sequence {result.last_seq}{since}"
         )
