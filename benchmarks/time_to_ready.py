@@ -13,7 +13,8 @@ process's cache too), read everything, and check that the files are resident aft
 
 Readers: ``dd if=F of=/dev/null bs=16M`` and ``cat F... > /dev/null`` (child processes,
 argument lists), and ``deployments.prewarm.Prewarmer`` (``BERTH_PREWARM_THREADS`` threads, 64
-MiB chunks, 16 MiB reads; also with 1 thread). Target (performance.md §5, B2): prewarm >= 90% of dd's throughput.
+MiB chunks, 16 MiB reads; also with 1 thread). Target (performance.md §5, B2): prewarm >= 90%
+of dd's throughput.
 
 Then what a prewarm saves an engine's load. The stand-in engine reads no weights
 (``docker/test-engine/README.md``: it only counts shards), so the load is imitated the way
@@ -59,6 +60,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, default=BASE_DIR / "var" / "bench" / "time-to-ready")
     parser.add_argument("--quick", action="store_true", help="1 GiB, 2 rounds")
     parser.add_argument("--keep", action="store_true", help="keep the shard files afterwards")
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no console settings (a GPU host with only Django on PYTHONPATH): 4 threads",
+    )
     args = parser.parse_args()
     if args.size_gib is None:
         args.size_gib = 1.0 if args.quick else DEFAULT_SIZE_GIB
@@ -237,11 +243,14 @@ def levers(engine: dict[str, float], dd_rate: float, sequential_rate: float) -> 
 
 def main() -> None:
     args = parse_args()
-    setup_django()
+    if not args.standalone:
+        setup_django()
     if args.threads is None:
         from django.conf import settings
 
-        args.threads = settings.BERTH_PREWARM_THREADS
+        from deployments.prewarm import DEFAULT_THREADS
+
+        args.threads = DEFAULT_THREADS if args.standalone else settings.BERTH_PREWARM_THREADS
     total = int(args.size_gib * GIB) // args.shards * args.shards
     check_room(args.dir, total)
     started = time.perf_counter()
@@ -268,8 +277,9 @@ def main() -> None:
         [(n, s["median"], s["min"], s["max"], f"{s['spread_pct']}%") for n, s in stats.items()],
         ("reader", "median GB/s", "min", "max", "spread"),
     )
+    single = single_median / dd_median
     print(f"prewarm / dd = {ratio_dd:.0%}, prewarm / best of dd and cat = {ratio_best:.0%} "
-          f"(target >= {TARGET_RATIO:.0%}); 1 thread / dd = {single_median / dd_median:.0%}")  # fmt: skip
+          f"(target >= {TARGET_RATIO:.0%}); 1 thread / dd = {single:.0%}")  # fmt: skip
 
     engine = {key: statistics.median(values) for key, values in engine_runs.items()}
     engine["bytes"] = total
