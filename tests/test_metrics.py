@@ -18,6 +18,7 @@ from audit.jobs import redis_connection
 from deployments.models import Deployment
 from deployments.states import State
 from gpus.models import Gpu, HostStatus
+from tests.conftest import run_manage, subprocess_env
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
 from tests.model_dirs import write_model
 
@@ -151,3 +152,9 @@ def test_a_scrape_still_answers_when_redis_is_down(admin: User, settings: Any) -
         redis_connection.cache_clear()
     assert samples[("berth_redis_up", ())] == 0
     assert ("berth_deployments", (("state", "ready"),)) in samples
+
+
+def test_a_short_metrics_token_stops_start_up_with_the_fix() -> None:
+    result = run_manage("check", env=subprocess_env(BERTH_METRICS_TOKEN="short"))
+    assert result.returncode != 0
+    assert "BERTH_METRICS_TOKEN is shorter than 24 characters" in result.stderr
