@@ -4,6 +4,7 @@ clear about what to install when Docker or busybox is missing."""
 from __future__ import annotations
 
 import io
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from gpus.hosts import local_host_name
 from gpus.models import Host
 from models_registry.inspection import inspect_directory
 from models_registry.models import StorageMount
+from tests.conftest import TEST_INSTANCE, clean_environ, which_or_skip
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db]
 
@@ -106,3 +108,39 @@ def test_without_busybox_it_says_what_to_install(var_dir: Path, monkeypatch: Any
     monkeypatch.setattr(stand_in, "BUSYBOX", var_dir / "no-busybox")
     with pytest.raises(CommandError, match="apt-get install busybox-static"):
         run_demo()
+
+
+@pytest.mark.redis
+def test_make_run_with_the_demo_flag_serves_a_console_ready_for_the_journey(
+    tmp_path: Path,
+) -> None:
+    """``BERTH_DEMO=1 make run`` on a fresh machine: demo first, then the agent of the demo host
+    (it runs the launches) beside the worker and the web server."""
+    from tests.test_run_command import Console, _free_port
+
+    which_or_skip("redis-server")
+    env = clean_environ("DATABASE_URL", "SECRET_KEY", "BERTH_ADMIN_PASSWORD")
+    env.update(
+        BERTH_VAR_DIR=str(tmp_path / "var"),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'berth.sqlite3'}",
+        BERTH_PORT=str(_free_port()),
+        REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0",
+        BERTH_DEMO="1",
+        BERTH_LOCAL_HOST_NAME="demo-laptop",
+        BERTH_INSTANCE=TEST_INSTANCE,
+        PYTHONUNBUFFERED="1",
+    )
+    console = Console(env)
+    try:
+        console.wait_for("The demo is ready.", 90)
+        console.wait_for("signed in as demo / ", 5)
+        console.wait_for("Berth is up at", 90)
+        agent = console.wait_for("agent pid", 5)
+    finally:
+        console.process.send_signal(signal.SIGINT)
+        console.process.wait(timeout=40)
+        output = console.rest()
+        console.process.stdout.close()
+    assert "queue 'host:demo-laptop'" in agent, output
+    assert "engine image 'stand-in'" in output
+    assert "Berth stopped." in output
