@@ -92,12 +92,13 @@ def review(request: HttpRequest) -> HttpResponse:
         "is_first_page": form.before_seq is None if form.is_valid() else True,
         "filter_valid": form.is_valid(),
         "export_query": urlencode(active),
-        "verification": latest_status(),
     }
-    template = "audit/review.html#rows" if request.htmx else "audit/review.html"
+    if request.htmx:  # "Older events": the rows only
+        return render(request, "audit/review.html#rows", context)
+    context["verification"] = latest_status()
     # Invalid filters re-render the form with its errors (200, as a form page does); the
     # exports, read by programs, answer 400.
-    return render(request, template, context)
+    return render(request, "audit/review.html", context)
 
 
 @reviewer_required
