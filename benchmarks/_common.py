@@ -256,6 +256,7 @@ def setup_django(database_url: str | None = None) -> None:
     if database_url is not None:
         os.environ["DATABASE_URL"] = database_url
     os.environ["REDIS_URL"] = redis_url()
+    os.environ.setdefault("LOG_LEVEL", "warning")  # the tables, not every request and login
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     django.setup()
 

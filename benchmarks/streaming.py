@@ -11,7 +11,7 @@ viewer has the previous one, and records publish→receipt per viewer. Reports c
 latency p50/p95/p99 (target: 1,000 viewers, p99 under 1 s), the worker's RSS before and with
 the viewers (growth per stream) and its thread count::
 
-    .venv/bin/python benchmarks/streaming.py [--viewers 1000] [--changes 3]
+    .venv/bin/python benchmarks/streaming.py [--viewers 1000] [--changes 3] [--database postgres]
 
 Client and server share this machine's CPUs, so the latency includes the client's own work
 reading 1,000 sockets. Prints a table and one JSON line.
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import signal
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (
     BASE_DIR,
+    database_url_for,
     emit_json,
     print_table,
     setup_django,
@@ -52,6 +55,7 @@ RSS_TARGET_KB = 100  # per stream, performance.md §5.2 B11
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database", default="sqlite", help="sqlite, postgres or a URL")
     parser.add_argument("--viewers", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="200 viewers, 2 changes")
@@ -78,6 +82,13 @@ def seed() -> tuple[Any, str]:
     client.force_login(user)
     name = settings.SESSION_COOKIE_NAME
     return made, f"{name}={client.cookies[name].value}"
+
+
+def child_database_url(connection: Any) -> str:
+    """The throw-away database (Django's test copy) as a URL for the server process."""
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{connection.settings_dict['NAME']}"
+    return f"{os.environ['DATABASE_URL'].rsplit('/', 1)[0]}/{connection.settings_dict['NAME']}"
 
 
 def free_port() -> int:
@@ -141,8 +152,16 @@ async def until(predicate, deadline_s: float) -> bool:
 
 
 async def drive(args: argparse.Namespace, port: int, made: Any, cookie: str, pid: int) -> dict:
+    from django.db import connection
+
     from deployments.stream import publish
 
+    # One publishing thread with its database connection opened before the viewers arrive
+    # (publish() defers to on_commit, which asks the connection): on PostgreSQL the viewers
+    # may use up every connection the server allows.
+    publisher = ThreadPoolExecutor(max_workers=1)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(publisher, lambda: connection.ensure_connection())
     path = f"/deployments/{made.public_id}/stream/"
     viewers = [Viewer(port, path, cookie) for _ in range(args.viewers)]
     tasks = []
@@ -158,7 +177,7 @@ async def drive(args: argparse.Namespace, port: int, made: Any, cookie: str, pid
     for change in range(args.changes):
         wanted = change + 2  # the initial state, then one event per change
         sent = time.perf_counter()
-        await asyncio.to_thread(publish, made.pk)
+        await loop.run_in_executor(publisher, publish, made.pk)
         await until(lambda w=wanted: all(len(v.events) >= w for v in live), CHANGE_DEADLINE_S)
         got = [v.events[wanted - 1] - sent for v in live if len(v.events) >= wanted]
         latencies += got
@@ -166,6 +185,8 @@ async def drive(args: argparse.Namespace, port: int, made: Any, cookie: str, pid
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await loop.run_in_executor(publisher, lambda: connection.close())
+    publisher.shutdown()
     errors: dict[str, int] = {}
     for viewer in viewers:
         if viewer.error and not viewer.events:
@@ -186,17 +207,17 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted_fds = min(hard, max(soft, 2 * args.viewers + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted_fds, hard))  # children inherit it
-    setup_django()
+    setup_django(database_url_for(args.database))
     from django.conf import settings
     from django.db import connection
 
     from config.processes import Supervisor, child_environment, wait_until
 
-    with throwaway_database():
+    with throwaway_database() as vendor:
         made, cookie = seed()
         port = free_port()
         env = child_environment(
-            DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}",
+            DATABASE_URL=child_database_url(connection),
             REDIS_URL=settings.REDIS_URL,
             LOG_LEVEL="warning",  # not one access line per viewer
         )
@@ -213,7 +234,7 @@ def main() -> None:
             result = asyncio.run(drive(args, port, made, cookie, server.process.pid))
         finally:
             supervisor.stop_all(lambda _message: None)
-    report(args, idle, result)
+    report(args, vendor, idle, result)
 
 
 def _answers(port: int) -> bool:
@@ -224,7 +245,7 @@ def _answers(port: int) -> bool:
         return False
 
 
-def report(args: argparse.Namespace, idle: dict[str, int], result: dict) -> None:
+def report(args: argparse.Namespace, vendor: str, idle: dict[str, int], result: dict) -> None:
     nothing = {"p50": None, "p95": None, "p99": None, "median": None}
     latency = summary(result["latency_s"]) if result["latency_s"] else nothing
     spans = summary(result["all_viewers_s"]) if result["latency_s"] else nothing
@@ -232,6 +253,7 @@ def report(args: argparse.Namespace, idle: dict[str, int], result: dict) -> None
     rss_growth_kb = (result["server"]["VmRSS"] - idle["VmRSS"]) / max(connected, 1)
     threads = result["server"]["Threads"]
     print(
+        f"database: {vendor}; "
         f"{connected} of {args.viewers} viewers connected in {result['connect_s']} s; "
         f"{args.changes} changes published; {result['missed']} deliveries missed"
     )
@@ -254,6 +276,7 @@ def report(args: argparse.Namespace, idle: dict[str, int], result: dict) -> None
     emit_json(
         "streaming",
         {
+            "database": vendor,
             "viewers": args.viewers,
             "connected": connected,
             "connect_s": result["connect_s"],
