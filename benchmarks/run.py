@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run.py            # the full suite (under 15 min on 2 cores)
     .venv/bin/python benchmarks/run.py --quick    # smaller sizes, passed through to each script
     .venv/bin/python benchmarks/run.py --only allocation_race --only streaming
+    .venv/bin/python benchmarks/run.py --markdown benchmarks/results/latest.json  # table only
 
 Each script runs as a child process with this interpreter, in the order of ``SUITE``, with its
 own time budget (killed with its children when it overruns). Its output streams to the console;
@@ -88,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON")
     parser.add_argument(
         "--total-budget", type=int, default=TOTAL_BUDGET_S, help="seconds for the whole run"
+    )
+    parser.add_argument(
+        "--markdown", type=Path, help="print a results file's summary as a Markdown table; no run"
     )
     return parser.parse_args()
 
@@ -192,8 +196,40 @@ def summary_rows(entries: list[dict[str, Any]]) -> list[tuple]:
     return rows
 
 
+def markdown(path: Path) -> None:
+    """The summary of a results file as Markdown (for benchmarks/README.md)."""
+    report = json.loads(path.read_text())
+    machine = report["machine"]
+    print(
+        f"Run of {report['started']} ({report['seconds']:.0f} s, quick={report['quick']}) at "
+        f"commit {str(machine['git_commit'])[:10]}: {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['ram_gib']} GiB RAM, {machine['os']}; Python {machine['python']}, Django "
+        f"{machine['django']}, SQLite {machine['sqlite']}, PostgreSQL {machine['postgresql']}, "
+        f"Redis {machine['redis']}, Docker {machine['docker']}.\n"
+    )
+    print("| benchmark: figure | value | target | result | script s |")
+    print("|---|---:|---|---|---:|")
+    for row in summary_rows(report["results"]):
+        cells = [_markdown_cell(cell) for cell in row]
+        print("| " + " | ".join(cells) + " |")
+
+
+def _markdown_cell(value: Any) -> str:
+    if isinstance(value, float):
+        if value.is_integer():
+            value = int(value)
+        else:
+            value = f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"{value:,}"
+    return str(value).replace("|", "\\|")
+
+
 def main() -> None:
     args = parse_args()
+    if args.markdown:
+        markdown(args.markdown)
+        return
     os.environ.pop("DATABASE_URL", None)  # each script picks its own throw-away database
     suite = [b for b in SUITE if not args.only or Path(b.script).stem in args.only]
     started_at = datetime.now(UTC)
