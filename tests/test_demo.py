@@ -144,3 +144,4 @@ def test_make_run_with_the_demo_flag_serves_a_console_ready_for_the_journey(
     assert "queue 'host:demo-laptop'" in agent, output
     assert "engine image 'stand-in'" in output
     assert "Berth stopped." in output
+    assert "No engine image is allow-listed" not in output  # the hint is for a plain make run

@@ -141,6 +141,11 @@ class Command(BaseCommand):
                 f"  agent pid {agent.process.pid} (GPU inventory of host '{agent_host}', "
                 f"queue 'host:{agent_host}')"
             )
+        if not demo and not _has_engine_images():
+            self.stdout.write(
+                "  No engine image is allow-listed yet. To try a first deployment without a GPU, "
+                "run BERTH_DEMO=1 make run (or manage.py berth_demo): stand-in engine, not vLLM."
+            )
         self.stdout.write("  Press Ctrl-C to stop.")
         self.stdout.flush()
         wait_until(lambda: supervisor.first_exited() is not None, float("inf"))
@@ -184,6 +189,12 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Started redis-server for {url} (pid {redis.process.pid}, data in var/redis)."
         )
+
+
+def _has_engine_images() -> bool:
+    from deployments.models import EngineImage
+
+    return EngineImage.objects.exists()
 
 
 def _healthy(url: str) -> bool:
