@@ -13,7 +13,13 @@ from django.utils import timezone
 
 from accounts.models import Team, User
 from audit.jobs import get_queue
-from config.templatetags.berth_time import absolute, load_progress, relative, with_offsets
+from config.templatetags.berth_time import (
+    absolute,
+    duration_since,
+    load_progress,
+    relative,
+    with_offsets,
+)
 from deployments.models import Deployment, DeploymentEvent
 from deployments.states import State
 from models_registry.models import StorageMount
@@ -87,6 +93,7 @@ def test_a_loading_deployment_shows_elapsed_time_and_its_latest_step(
         ),
     ]  # fmt: skip
     assert [offset for _, offset in with_offsets(events)] == ["+0.0 s", "+4.2 s"]
+    assert duration_since(start + timedelta(seconds=125), start) == "2 min 5 s"
     row.state, row.plan = State.LOADING, {"startup": {"total_s": 80}}
     progress = load_progress(row, events)
     assert progress.last_step == "loading weights: 50%"

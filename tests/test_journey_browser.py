@@ -205,6 +205,7 @@ def test_a_new_member_deploys_the_demo_model_and_the_auditor_finds_every_step(
     expect(state).to_have_attribute("data-state", "ready", timeout=30_000)
     assert page.evaluate("window.__journey") == "same page"
     assert page.evaluate("window.__pushes") >= 2  # at least loading and ready arrived pushed
+    expect(page.locator(".facts")).to_contain_text("after it was requested")
     expect(page.locator(".run-line")).to_contain_text("docker run --detach")
     expect(page.locator(".timeline")).to_contain_text("the engine answers /health")
     screenshot(page, "journey-deployment-ready")

@@ -121,3 +121,11 @@ def load_progress(deployment: Any, events: Iterable[Any] = ()) -> LoadProgress |
         quiet_s=quiet,
         stall_timeout_s=deployment.stall_timeout_s,
     )
+
+
+@register.filter
+def duration_since(later: datetime | None, earlier: datetime | None) -> str:
+    """``4.3 s``, ``2 min 5 s``: how long from ``earlier`` to ``later`` (empty when unknown)."""
+    if later is None or earlier is None:
+        return ""
+    return _offset(max((later - earlier).total_seconds(), 0.0)).removeprefix("+")
