@@ -38,7 +38,8 @@ TIME_HELP = "a date and time in UTC, e.g. 2026-11-27T09:30 or 2026-11-27T09:30:0
 
 def _time_field(label: str) -> forms.DateTimeField:
     # Django's DateTimeField parses ISO 8601 (with or without seconds and offset), which covers
-    # what an <input type="datetime-local"> sends ("2026-11-27T09:30"). Naive times are UTC.
+    # what an <input type="datetime-local"> sends ("2026-11-27T09:30"). Naive times are read in
+    # TIME_ZONE (UTC unless configured), the zone the page shows times in.
     return forms.DateTimeField(
         label=label,
         required=False,
