@@ -18,6 +18,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
@@ -30,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from rq.job import Job
+from rq.utils import utcparse
 
 from audit.jobs import get_queue, redis_connection
 from config.queues import DEFAULT_QUEUE
@@ -159,7 +161,7 @@ class BerthCollector(Collector):
         return [DEFAULT_QUEUE, *(host.queue_name for host in Host.objects.all())]
 
 
-def _registry_counts(queue: object) -> dict[str, int]:
+def _registry_counts(queue: Any) -> dict[str, int]:
     registries = {
         "started": queue.started_job_registry,
         "scheduled": queue.scheduled_job_registry,
@@ -174,13 +176,20 @@ def _registry_counts(queue: object) -> dict[str, int]:
     return {state: counts[state] for state in JOB_STATES}
 
 
-def _recent_durations(queue: object) -> dict[str, list[float]]:
+def _recent_durations(queue: Any) -> dict[str, list[float]]:
+    """Run times by function, from three fields of each job's hash in one round trip (no job
+    is deserialized: a scrape stays cheap with hundreds of watch jobs per queue)."""
     ids = queue.finished_job_registry.get_job_ids(0, DURATION_SAMPLE - 1, desc=True, cleanup=False)
+    pipeline = redis_connection().pipeline(transaction=False)
+    for job_id in ids:
+        pipeline.hmget(Job.key_for(job_id), "description", "started_at", "ended_at")
     by_function: dict[str, list[float]] = defaultdict(list)
-    for job in Job.fetch_many(ids, connection=redis_connection()):
-        if job is not None and job.started_at and job.ended_at:
-            seconds = (job.ended_at - job.started_at).total_seconds()
-            by_function[job.func_name].append(max(seconds, 0.0))
+    for description, started, ended in pipeline.execute():
+        if description and started and ended:
+            # RQ's description is the call, "deployments.jobs.watch_job(1, 1)".
+            function = description.decode().split("(", 1)[0]
+            seconds = (utcparse(ended.decode()) - utcparse(started.decode())).total_seconds()
+            by_function[function].append(max(seconds, 0.0))
     return by_function
 
 
