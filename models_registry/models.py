@@ -8,6 +8,7 @@ path, and a database constraint rejects the shapes a raw path could take (relati
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -121,6 +122,15 @@ class StorageMount(models.Model):
         return paths.Mount(
             self.name, self.canonical_prefix, self.local_path, self.host_path, self.container_path
         )
+
+    def confinement_for(self, translation: paths.Translation) -> Path:
+        """Where a model at ``translation`` must stay, links included (where this process sees
+        it): the whole mount when one team owns it, else the team's own folder — so a link from
+        team A's folder into team B's cannot lend A team B's weights (§7.1 row 3)."""
+        root = Path(self.local_path)
+        if self.team_id is not None or "/" not in translation.relative:
+            return root
+        return root / translation.relative.split("/", 1)[0]
 
     def owner_for(self, translation: paths.Translation) -> Team | None:
         """The team that owns a model at ``translation`` in this mount (None: no such team)."""

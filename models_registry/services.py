@@ -20,10 +20,11 @@ from models_registry.models import Model, ModelStatus, StorageMount
 
 
 def inspect_translation(translation: paths.Translation, mount: StorageMount) -> Inspection:
-    """Inspect the directory where this process sees it, confined to the mount's local root."""
+    """Inspect the directory where this process sees it, confined to the team's part of the
+    mount (:meth:`StorageMount.confinement_for`)."""
     return inspect_directory(
         Path(translation.local),
-        storage_root=Path(mount.local_path),
+        storage_root=mount.confinement_for(translation),
         display_path=translation.canonical,
     )
 

@@ -107,14 +107,18 @@ def test_member_of_another_team_cannot_register_for_it(
     assert AuditEvent.objects.get(action="model.registered").outcome == "denied"
 
 
-def test_symlink_to_another_teams_model_is_refused_at_inspection(
+def test_links_to_another_teams_model_or_out_of_the_mount_are_not_deployable(
     ceph: StorageMount, alice: User, team_a: Team
 ) -> None:
     write_model(local(ceph, "team-b/secret"))
     local(ceph, "team-a").mkdir()
     os.symlink(local(ceph, "team-b/secret"), local(ceph, "team-a/alias"))
-    model = services.register(alice, team_a, "/ceph/models/team-a/alias")
-    assert model.deployable  # inside the mount: a link is fine...
+    borrowed = services.register(alice, team_a, "/ceph/models/team-a/alias")
+    assert [f["code"] for f in borrowed.findings] == ["path-outside-storage"]  # another team's
+    assert not borrowed.deployable
+    write_model(local(ceph, "team-a/real"))
+    os.symlink(local(ceph, "team-a/real"), local(ceph, "team-a/link"))
+    assert services.register(alice, team_a, "/ceph/models/team-a/link").deployable  # own: fine
     outside = local(ceph, "..").resolve() / "outside"
     write_model(outside)
     os.symlink(outside, local(ceph, "team-a/escape"))
