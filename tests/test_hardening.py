@@ -38,6 +38,8 @@ def test_pages_carry_the_security_headers(alice: User) -> None:
         assert response["Referrer-Policy"] == "same-origin"
         assert response["X-Frame-Options"] == "DENY"
         assert response["Cross-Origin-Opener-Policy"] == "same-origin"
+        assert "camera=()" in response["Permissions-Policy"]
+        assert "geolocation=()" in response["Permissions-Policy"]
 
 
 @pytest.mark.django_db
