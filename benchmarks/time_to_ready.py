@@ -1,7 +1,7 @@
 """Time to ready: the page-cache prewarm against ``dd`` and ``cat`` on the same files, same run.
 
 Writes a model directory of safetensors-sized shard files under ``var/bench/time-to-ready/``
-(deleted afterwards unless ``--keep``; kept files of the right size are reused), then, several
+(one folder per process, deleted afterwards unless ``--keep``), then, several
 rounds in a rotating order, for each reader: drop the files from the page cache
 (``posix_fadvise(POSIX_FADV_DONTNEED)`` per file,
 checked with ``mincore``: not ``/proc/sys/vm/drop_caches``, which would empty every other
@@ -93,26 +93,22 @@ def check_room(directory: Path, total: int) -> None:
 
 
 def make_shards(directory: Path, total: int, count: int) -> list[Path]:
-    """``count`` shard files adding up to ``total`` bytes of incompressible data; files that
-    already have the right size are reused (writing is not what is measured)."""
-    model = directory / "model"
+    """``count`` shard files adding up to ``total`` bytes of incompressible data, in a folder
+    of this process's own."""
+    model = directory / f"model-{os.getpid()}"  # concurrent runs never share files
     model.mkdir(parents=True, exist_ok=True)
     size = total // count
     block = bytearray(os.urandom(WRITE_BLOCK))
     shards = []
     for number in range(1, count + 1):
         path = model / f"model-{number:05d}-of-{count:05d}.safetensors"
-        if not path.exists() or path.stat().st_size != size:
-            with path.open("wb") as out:
-                written = 0
-                while written < size:
-                    block[:8] = written.to_bytes(8, "little")  # no two blocks alike
-                    out.write(block[: min(WRITE_BLOCK, size - written)])
-                    written += WRITE_BLOCK
+        with path.open("wb") as out:
+            written = 0
+            while written < size:
+                block[:8] = written.to_bytes(8, "little")  # no two blocks alike
+                out.write(block[: min(WRITE_BLOCK, size - written)])
+                written += WRITE_BLOCK
         shards.append(path)
-    for stale in model.glob("*.safetensors"):
-        if stale not in shards:
-            stale.unlink()
     return shards
 
 
@@ -255,7 +251,7 @@ def main() -> None:
     check_room(args.dir, total)
     started = time.perf_counter()
     files = make_shards(args.dir, total, args.shards)
-    print(f"{args.shards} shards, {total / GIB:.2f} GiB in {args.dir / 'model'} "
+    print(f"{args.shards} shards, {total / GIB:.2f} GiB in {files[0].parent} "
           f"(ready in {time.perf_counter() - started:.1f} s)")  # fmt: skip
     try:
         readers = measure_readers(files, args.rounds, args.threads)
@@ -263,7 +259,8 @@ def main() -> None:
     finally:
         if not args.keep:
             for path in files:
-                path.unlink()
+                path.unlink(missing_ok=True)
+            files[0].parent.rmdir()
 
     stats = {name: summary(values) for name, values in readers["rates"].items()}
     names = list(stats)
