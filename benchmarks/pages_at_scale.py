@@ -64,7 +64,7 @@ SNAPSHOT_INTERVAL_S = 5
 P95_TARGET_MS = 300  # performance.md §5.2 B10
 QUERY_TARGET = 10  # ditto: <= 10 SQL queries per page
 SERVER_START_S = 60
-LOG = Path(__file__).resolve().parent.parent / "var" / "bench" / "pages_at_scale-server.log"
+LOG = Path(__file__).resolve().parent.parent / "var" / "bench" / f"pages_at_scale-{os.getpid()}.log"
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how Django stores a UTC datetime in SQLite
 LOAD_PAGE = "/gpus/hosts/gpu-02/"
 SNAPSHOT_COLUMNS = (
@@ -422,6 +422,7 @@ def main() -> None:
               f"{compaction['rows_after']:,} of {compaction['rows_before']:,}")  # fmt: skip
         queries = query_counts(fleet["admin"])
         timings, load_requests, seconds = measure(fleet["admin"], args.requests)
+        LOG.unlink()  # kept only when something failed
 
     rows, targets = [], []
     for label, _path, baseline in PAGES:
