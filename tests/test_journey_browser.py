@@ -4,9 +4,9 @@ On a console prepared by ``manage.py berth_demo`` (what ``BERTH_DEMO=1 make run`
 in, register the demo model (its inspection shows while typing), open the deploy form (the plan
 answers), deploy on the stand-in engine (NOT vLLM), watch the page go loading → ready through
 the stream without a reload, read the ``docker run`` line, stop it, then find every step in the
-audit review as the auditor. The console is served over ASGI (uvicorn, as ``make run`` does), a
-real RQ worker on the host's queue does the agent's work, the engine runs in the real Docker
-engine. The README's screenshots are taken here.
+audit review as the auditor. The console is served over ASGI (uvicorn, as ``make run`` does),
+the host's real agent runs the launches, the engine runs in the real Docker engine. The README's
+screenshots are taken here.
 """
 
 from __future__ import annotations
@@ -104,17 +104,26 @@ def _running(argv: list[str], **env: str) -> Iterator[subprocess.Popen]:
 @pytest.fixture
 def console_url(demo_console: Host, docker_client: Any) -> Iterator[str]:
     """The console served over ASGI as ``make run`` serves it (the status stream needs ASGI;
-    pytest-django's live server is WSGI), plus a real worker on the demo host's queue, as the
-    host's agent runs it. Both share this test's database and Redis."""
+    pytest-django's live server is WSGI), and the demo host's agent. Both share this test's
+    database and Redis."""
     port = _free_port()
     web = [
         sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
         "--port", str(port), "--lifespan", "off", "--no-access-log",
     ]  # fmt: skip
-    worker = _manage("berth_worker", demo_console.queue_name, "--with-scheduler")
+    # The host's agent as make run starts it (worker on host:<name> with the scheduler, plus
+    # the GPU collector); the nvidia-smi-in-a-container source is left out: it would pull an
+    # image on a machine that has no GPU anyway.
+    agent = _manage(
+        "berth_agent",
+        "--host",
+        demo_console.name,
+        "--sources",
+        "nvml,nvidia-smi-csv,nvidia-smi-xml",
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        with _running(web), _running(worker, BERTH_MONITOR_INTERVAL_S="0.5"):
+        with _running(web), _running(agent, BERTH_MONITOR_INTERVAL_S="0.5"):
             wait_until(lambda: _answers(f"{url}/healthz"), timeout=60, what="the ASGI console")
             yield url
     finally:
@@ -212,6 +221,7 @@ def test_a_new_member_deploys_the_demo_model_and_the_auditor_finds_every_step(
 
     page.get_by_role("link", name="Dashboard").click()
     expect(page.get_by_role("link", name="demo/tiny-chat")).to_be_visible()
+    expect(page.get_by_text("Waiting for its agent")).to_have_count(0)  # the agent is alive
     screenshot(page, "journey-dashboard")
 
     page.get_by_role("link", name="demo/tiny-chat").click()
