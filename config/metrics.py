@@ -22,7 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db.models import Count
+from django.db.models import Count, Max
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
@@ -104,7 +104,8 @@ class BerthCollector(Collector):
     def _hosts(self) -> Iterator[Metric]:
         inventory_age = GaugeMetricFamily(
             "berth_host_inventory_age_seconds",
-            "Seconds since the host's agent last stored a GPU inventory.",
+            "Seconds since the host's newest GPU reading: grows while its agent is down or "
+            "every source fails (absent for a host never read).",
             labels=["host"],
         )
         heartbeat_age = GaugeMetricFamily(
@@ -117,9 +118,9 @@ class BerthCollector(Collector):
             "1 when the host takes placements (agent alive, inventory readable).",
             labels=["host", "status"],
         )
-        for host in Host.objects.all():
-            if host.last_collected is not None:
-                age = (self.now - host.last_collected).total_seconds()
+        for host in Host.objects.annotate(newest_reading=Max("gpus__seen_at")):
+            if host.newest_reading is not None:
+                age = (self.now - host.newest_reading).total_seconds()
                 inventory_age.add_metric([host.name], age)
             if host.last_heartbeat is not None:
                 age = (self.now - host.last_heartbeat).total_seconds()

@@ -85,10 +85,10 @@ def test_deployments_by_state_gpu_memory_by_owner_and_inventory_age(
     Deployment.objects.filter(pk=deployment(team_a, model, host, name="two").pk).update(
         state=State.READY
     )
-    Gpu.objects.filter(index=0).update(
-        memory_berth_mib=40_000, memory_foreign_mib=2_000, memory_free_mib=39_559
-    )
     collected = timezone.now() - timedelta(seconds=30)
+    Gpu.objects.filter(index=0).update(
+        memory_berth_mib=40_000, memory_foreign_mib=2_000, memory_free_mib=39_559, seen_at=collected
+    )
     host.__class__.objects.filter(pk=host.pk).update(
         status=HostStatus.ONLINE, last_collected=collected, last_heartbeat=collected
     )
