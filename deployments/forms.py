@@ -29,30 +29,45 @@ class DeployForm(forms.Form):
         queryset=EngineImage.objects.filter(enabled=True), empty_label=None
     )
     gpu_count = forms.IntegerField(
+        label="GPUs",
         required=False,
         min_value=0,
         max_value=16,
         help_text="Empty: the planner picks the smallest that fits; 0 for CPU images",
     )
     max_model_len = forms.IntegerField(
+        label="Context length (tokens)",
         required=False,
         min_value=16,
         max_value=10_000_000,
         help_text="Empty: the model's own maximum, as vLLM does",
     )
     gpu_memory_utilization = forms.DecimalField(
-        required=False, min_value=0.1, max_value=0.98, decimal_places=3
+        label="GPU memory utilization",
+        required=False,
+        min_value=0.1,
+        max_value=0.98,
+        decimal_places=3,
+        help_text="Share of each GPU's memory vLLM may take (empty: 0.9, vLLM's default)",
     )
-    kv_cache_dtype = forms.ChoiceField(choices=[(c, c) for c in KV_CACHE_DTYPES], initial="auto")
-    dtype = forms.ChoiceField(choices=[(c, c) for c in DTYPES], initial="auto")
+    kv_cache_dtype = forms.ChoiceField(
+        label="KV cache dtype", choices=[(c, c) for c in KV_CACHE_DTYPES], initial="auto"
+    )
+    dtype = forms.ChoiceField(
+        label="Weights dtype", choices=[(c, c) for c in DTYPES], initial="auto"
+    )
     enforce_eager = forms.BooleanField(
-        required=False, help_text="Skip CUDA graphs: faster start, slower decode"
+        label="Eager mode",
+        required=False,
+        help_text="Skip CUDA graphs: faster start, slower decode",
     )
     trust_remote_code = forms.BooleanField(
+        label="Trust remote code",
         required=False,
         help_text="Run the model's own Python code; only for models an admin approved",
     )
     environment = forms.CharField(
+        label="Environment variables",
         required=False,
         widget=forms.Textarea(attrs={"rows": 3}),
         help_text="KEY=VALUE per line, from the allow-list (e.g. NCCL_P2P_DISABLE=1)",

@@ -91,17 +91,16 @@ def deploy(request: HttpRequest) -> HttpResponse:
 def plan_preview(request: HttpRequest) -> HttpResponse:
     """The htmx partial: the plan for what the form says right now."""
     form = DeployForm(request.POST, user=request.user)
-    context: dict = {"error": None, "plan": None}
+    context: dict = {"error": None, "note": None, "plan": None}
     form.is_valid()
     data = form.cleaned_data
     if not all(data.get(key) for key in ("model", "host", "image")):
-        context["error"] = "Choose a model, a host and an image to see the plan."
+        context["note"] = "Choose a model, a host and an image to see the plan."
     elif data.get("gpu_count") == 0:
-        context["error"] = (
-            "0 GPUs: a CPU engine, nothing to plan."
-            if data["image"].cpu_capable
-            else "This image needs GPUs."
-        )
+        if data["image"].cpu_capable:
+            context["note"] = "0 GPUs: a CPU engine, nothing to plan."
+        else:
+            context["error"] = "This image needs GPUs: set GPUs to 1 or more, or leave it empty."
     else:
         try:
             args = parse_engine_args(form.engine_args())

@@ -112,7 +112,7 @@ def sync(request: HttpRequest, pk: int) -> HttpResponse:
         return redirect("models-index")
     audit.record(Action.MODELS_SYNC_REQUESTED, target=mount, team=mount.team, job_id_queued=job_id)
     messages.success(
-        request, f"Sync of {mount.name} queued (job {job_id}); refresh to see new models."
+        request, f"Sync of {mount.name} queued (job {job_id}); its progress shows below."
     )
     return redirect("models-index")
 
