@@ -7,9 +7,11 @@ with a keepalive comment every ``KEEPALIVE_S`` so proxies keep the connection op
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio
@@ -33,7 +35,8 @@ def publish(deployment_pk: int, kind: str = "changed") -> None:
 
     def send() -> None:
         try:
-            redis_connection().publish(channel(deployment_pk), json.dumps({"kind": kind}))
+            message = json.dumps({"kind": kind, "id": uuid.uuid4().hex})
+            redis_connection().publish(channel(deployment_pk), message)
         except RedisError as exc:
             logger.warning("could not publish deployment %s change: %s", deployment_pk, exc)
 
@@ -54,7 +57,7 @@ async def sse_events(
         while True:
             message = await pubsub.get_message(timeout=KEEPALIVE_S)
             if message is not None and message["type"] == "message":
-                yield _event(await render())
+                yield _event(await _shared(deployment_pk, message["data"], render))
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                 yield ": keepalive\n\n"
@@ -63,6 +66,24 @@ async def sse_events(
         await pubsub.unsubscribe()
         await pubsub.aclose()
         await client.aclose()
+
+
+_renders: dict[tuple[int, bytes], asyncio.Task] = {}
+SHARE_S = 5.0  # how long a render answers late viewers of the same change
+
+
+async def _shared(deployment_pk: int, change: bytes, render: Callable[[], Awaitable[str]]) -> str:
+    """Render once per change for every viewer of the deployment in this process: each publish
+    carries its own id, so all viewers of one change ask for the same key. The status partial
+    holds nothing particular to a viewer (every one of them passed the same access check)."""
+    key = (deployment_pk, change)
+    task = _renders.get(key)
+    if task is None:
+        task = asyncio.ensure_future(render())
+        _renders[key] = task
+        loop = asyncio.get_running_loop()
+        task.add_done_callback(lambda _done: loop.call_later(SHARE_S, _renders.pop, key, None))
+    return await asyncio.shield(task)
 
 
 def _event(html: str) -> str:

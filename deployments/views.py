@@ -9,6 +9,7 @@ from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
+from django.db import connections
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
@@ -123,21 +124,34 @@ def deployment_detail(request: HttpRequest, public_id: uuid.UUID) -> HttpRespons
     return render(request, template, _detail_context(deployment))
 
 
+def _release_connections() -> None:
+    """Close this thread's database connections, except one inside a transaction (a test's)."""
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close()
+
+
 async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> StreamingHttpResponse:
     """Server-Sent Events of the status partial (``role_required`` is sync, so checked here)."""
     user = await request.auser()
     if user.role not in (Role.MEMBER, Role.ADMIN) or not user.is_active:
         raise PermissionDenied("Your role does not give access to this page.")
     deployment = await sync_to_async(_load)(request, public_id)
+    # A stream stays open for minutes: give back this request's database connection now rather
+    # than hold one per viewer (PostgreSQL refuses clients past max_connections).
+    await sync_to_async(_release_connections)()
 
-    @sync_to_async
+    @sync_to_async(thread_sensitive=False)
     def render_status() -> str:
-        fresh = Deployment.objects.select_related("team", "model__mount", "host", "image").get(
-            pk=deployment.pk
-        )
-        return render_to_string(
-            "deployments/detail.html#status", _detail_context(fresh), request=request
-        )
+        try:
+            fresh = Deployment.objects.select_related("team", "model__mount", "host", "image").get(
+                pk=deployment.pk
+            )
+            return render_to_string(
+                "deployments/detail.html#status", _detail_context(fresh), request=request
+            )
+        finally:
+            _release_connections()  # this pool thread's: the next render may run on another
 
     response = StreamingHttpResponse(
         sse_events(deployment.pk, render_status), content_type="text/event-stream"
