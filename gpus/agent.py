@@ -105,6 +105,7 @@ class CollectorLoop(threading.Thread):
         self._next_compaction = time.monotonic()
         self._next_gc: float | None = None
         self._next_reconcile = time.monotonic()
+        self._last_problem = ""
 
     def stop(self) -> None:
         self._stopping.set()
@@ -140,16 +141,28 @@ class CollectorLoop(threading.Thread):
         close_old_connections()
         try:
             collection = collect_round(self.host, sources=self.sources)
-            if not collection.ok:
-                log.warning(
-                    "inventory unavailable on %s: %s",
-                    self.host.name,
-                    "; ".join(f"{f.source}: {f.error}" for f in collection.failures),
-                )
+            self._log_outcome(collection)
             self._maybe_compact()
+            self._maybe_collect_garbage()
+            self._maybe_reconcile()
         except Exception:
             log.exception("collection round failed on %s", self.host.name)
         self.rounds += 1
+
+    def _log_outcome(self, collection: Collection) -> None:
+        """Warn when the inventory becomes unavailable or its reason changes, and once when it
+        recovers — not every round: a laptop without a GPU would log it every few seconds.
+        The host page and /metrics show the state all along."""
+        problem = (
+            ""
+            if collection.ok
+            else "; ".join(f"{f.source}: {f.error}" for f in collection.failures)
+        )
+        if problem and problem != self._last_problem:
+            log.warning("inventory unavailable on %s: %s", self.host.name, problem)
+        elif not problem and self._last_problem:
+            log.warning("inventory available again on %s", self.host.name)
+        self._last_problem = problem
 
     def _maybe_compact(self) -> None:
         if time.monotonic() < self._next_compaction:
@@ -158,8 +171,6 @@ class CollectorLoop(threading.Thread):
         audit_jobs.enqueue(
             get_queue(self.host.queue_name), "gpus.jobs.compact_host_history", self.host.pk
         )
-        self._maybe_collect_garbage()
-        self._maybe_reconcile()
 
     def _maybe_reconcile(self) -> None:
         """On start and every BERTH_RECONCILE_INTERVAL_S: containers vs records, by job name."""

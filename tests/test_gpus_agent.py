@@ -3,12 +3,14 @@ inventory state, its worker runs jobs from ``host:NAME``, and SIGTERM stops both
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -19,6 +21,7 @@ from rq.job import JobStatus
 from gpus.agent import CollectorLoop
 from gpus.hosts import register_host
 from gpus.models import Host, HostStatus
+from gpus.readings import Collection, Inventory, Source, SourceFailure
 from tests.conftest import BASE_DIR, subprocess_env
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
@@ -96,3 +99,30 @@ def test_heartbeats_continue_while_a_collection_hangs() -> None:
             release.set()
             loop.join(timeout=10)
     assert not loop.is_alive()
+
+
+@pytest.mark.django_db
+def test_each_round_reconciles_on_its_own_interval_and_a_lasting_failure_is_logged_once(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.BERTH_RECONCILE_INTERVAL_S = 0  # due every round
+    host = register_host("gpu-rounds")[0]
+    failed = Collection(None, (SourceFailure(Source.NVML, "NVMLError_LibraryNotFound"),))
+    loop = CollectorLoop(host, interval_s=60)
+    with (
+        mock.patch("gpus.agent.collect_round", autospec=True, return_value=failed) as rounds,
+        mock.patch("gpus.agent.audit_jobs.enqueue", autospec=True) as enqueue,
+        caplog.at_level(logging.WARNING, logger="gpus.agent"),
+    ):
+        for _ in range(3):
+            loop._round()
+        rounds.return_value = Collection(Inventory(Source.NVML, ()))
+        loop._round()
+    jobs = [call.args[1] for call in enqueue.call_args_list]
+    assert jobs.count("deployments.jobs.reconcile_job") == 4  # not only with the hourly compaction
+    assert jobs.count("gpus.jobs.compact_host_history") == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "inventory unavailable on gpu-rounds: nvml: NVMLError_LibraryNotFound",
+        "inventory available again on gpu-rounds",
+    ]
