@@ -42,7 +42,7 @@ def test_member_sees_the_busy_gpu_flagged_and_its_history(page: Any, alice: User
     page.wait_for_url("**/gpus/")
     expect(page.get_by_role("alert")).to_contain_text("NVML Shared Library Not Found")
     row = page.locator("tr.gpu-row").first
-    expect(row).to_contain_text("foreign 21,453 MiB")
+    expect(row).to_contain_text("foreign 21.0 GiB")
     expect(row).to_contain_text("pid 435 python3")
     expect(row.get_by_role("note")).to_contain_text("placement avoids this GPU")
     bar = row.get_by_role("img")
