@@ -53,12 +53,16 @@ def build_engine_image(client: Any) -> str:
     tag = engine_image_tag()
     if client.images.list(name=tag):
         return tag
+    files = [(name, (ENGINE_DIR / name).read_bytes(), mode) for name, mode in ENGINE_FILES.items()]
+    return build_from_files(client, tag, [*files, ("busybox", BUSYBOX.read_bytes(), 0o755)])
+
+
+def build_from_files(client: Any, tag: str, files: list[tuple[str, bytes, int]]) -> str:
+    """Build ``tag`` from an in-memory context of (name, content, mode) files, one of them the
+    Dockerfile: no build directory on disk, no registry. Returns the tag."""
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as archive:
-        files = [
-            (name, (ENGINE_DIR / name).read_bytes(), mode) for name, mode in ENGINE_FILES.items()
-        ]
-        for name, data, mode in [*files, ("busybox", BUSYBOX.read_bytes(), 0o755)]:
+        for name, data, mode in files:
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), mode
             archive.addfile(info, io.BytesIO(data))

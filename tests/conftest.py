@@ -286,25 +286,15 @@ def busybox_image(docker_client: Any) -> str:
 
 def build_busybox_image(client: Any) -> str:
     import hashlib
-    import io
-    import tarfile
+
+    from deployments.stand_in import build_from_files
 
     binary = BUSYBOX.read_bytes()
     tag = "berth-test/busybox:" + hashlib.sha256(BUSYBOX_DOCKERFILE + binary).hexdigest()[:12]
     if client.images.list(name=tag):
         return tag
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as archive:
-        for name, data, mode in (
-            ("Dockerfile", BUSYBOX_DOCKERFILE, 0o644),
-            ("busybox", binary, 0o755),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), mode
-            archive.addfile(info, io.BytesIO(data))
-    context.seek(0)
-    client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)
-    return tag
+    files = [("Dockerfile", BUSYBOX_DOCKERFILE, 0o644), ("busybox", binary, 0o755)]
+    return build_from_files(client, tag, files)
 
 
 def pytest_configure(config: pytest.Config) -> None:
