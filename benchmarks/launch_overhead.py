@@ -24,7 +24,7 @@ berth-bench``, engine ports 31500-31999) so no other Berth on this machine sees 
 
 ::
 
-    .venv/bin/python benchmarks/launch_overhead.py [--runs 7] [--worker-runs 3]
+    .venv/bin/python benchmarks/launch_overhead.py [--runs 7] [--worker-runs 5]
 
 Prints a table and one JSON line. Every container it started is removed at the end.
 """
@@ -67,7 +67,7 @@ ENGINE_PORT = 8000
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="docker run and in-process launches")
-    parser.add_argument("--worker-runs", type=int, default=3, help="launches through the worker")
+    parser.add_argument("--worker-runs", type=int, default=5, help="launches through the worker")
     parser.add_argument("--quick", action="store_true", help="3 runs, 2 worker runs")
     args = parser.parse_args()
     if args.quick:
@@ -230,6 +230,9 @@ def worker_launches(fixture: Fixture, host: Any, runs: int) -> dict[str, list]:
             lambda d=deployment: Deployment.objects.get(pk=d.pk).state == State.READY,
             what="state ready",
         )
+        # Berth's own probe may win the race by a few milliseconds: give ours a moment too
+        # (then the lag is negative, within this script's 20 ms polling).
+        wait_for(lambda w=watcher: w.healthy_at, deadline_s=5, what="this script's /health")
         watcher.stop.set()
         watcher.join()
         launching, started = event_time(deployment, "launching"), event_time(deployment, "loading")
