@@ -246,7 +246,6 @@ def main() -> None:
         ],
         ("agent (stand-in NVML, real Docker and DB)", "median", "p95"),
     )
-    p99 = max(serial["p99"], parallel["p99"])
     emit_json(
         "inventory_ingest",
         {
@@ -264,7 +263,18 @@ def main() -> None:
             "agent_round": agent,
             "targets": [
                 target(f"snapshots/s ({vendor})", round(best), ">= 1,600", best >= TARGET_PER_S),
-                target(f"store p99 ms/host ({vendor})", p99, "<= 100", p99 <= LATENCY_TARGET_MS),
+                target(
+                    f"store p99 ms/host, 1 writer ({vendor})",
+                    serial["p99"],
+                    "<= 100",
+                    serial["p99"] <= LATENCY_TARGET_MS,
+                ),
+                target(
+                    f"store p99 ms/host, {args.writers} writers ({vendor})",
+                    parallel["p99"],
+                    "<= 100",
+                    parallel["p99"] <= LATENCY_TARGET_MS,
+                ),
                 target(
                     f"agent wall ms per 8-GPU round ({vendor})",
                     agent["wall_ms"]["median"],
