@@ -67,6 +67,7 @@ SUITE = (
     Bench("allocation_race.py", ("--database", "postgres"), budget_s=45),
     Bench("inventory_ingest.py", ("--database", "sqlite"), budget_s=90),
     Bench("inventory_ingest.py", ("--database", "postgres"), budget_s=90),
+    Bench("nvml_read.py", budget_s=30),  # records nothing where NVML finds no GPU
     Bench("audit_append.py", budget_s=60),
     Bench("audit_review.py", budget_s=150),
     Bench("model_sync.py", budget_s=75),
