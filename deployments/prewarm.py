@@ -398,16 +398,27 @@ def run(
         _finish(deployment, generation, result)
         return result
     _event(deployment, generation, Progress(0, total, 0.0).describe(), {"files": len(files)})
+    caller = threading.current_thread()
     prewarmer = Prewarmer(
         files,
         threads=settings.BERTH_PREWARM_THREADS,
         cancel=cancel_event,
-        on_progress=lambda p: _event(deployment, generation, p.describe(), {}),
+        on_progress=lambda p: _progress(deployment, generation, p, caller),
         progress_every_s=PROGRESS_EVERY_S,
     )
     result = prewarmer.run()
     _finish(deployment, generation, result)
     return result
+
+
+def _progress(deployment: Any, generation: int, progress: Progress, caller: Any) -> None:
+    """A progress event. Written from a reader thread (Prewarmer reports from there), its
+    connection is closed at once: the thread ends with the prewarm and nothing else closes it."""
+    try:
+        _event(deployment, generation, progress.describe(), {})
+    finally:
+        if threading.current_thread() is not caller:
+            connection.close()
 
 
 def _event(deployment: Any, generation: int, message: str, data: dict) -> None:

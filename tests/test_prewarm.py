@@ -194,3 +194,31 @@ def test_the_launch_thread_prewarms_once_per_deployment_and_can_be_cancelled(
     StorageMount.objects.update(kind=StorageKind.LOCAL)
     record.refresh_from_db()
     assert prewarm.start(record) is None  # auto: local disks are not prewarmed
+
+
+@pytest.mark.django_db(transaction=True)
+def test_progress_written_from_reader_threads_closes_their_database_connections(
+    team_a: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progress events are written by whichever reader thread reports; a thread that opened a
+    connection for it must close it before it ends (a leaked one per reader per prewarm)."""
+    from django.db.backends.signals import connection_created
+
+    write_shards(tmp_path / "team-a" / "llama", [3 * MIB, 2 * MIB])
+    record = network_deployment(team_a, tmp_path)
+    monkeypatch.setattr(prewarm, "PROGRESS_EVERY_S", 0.0)  # every block reports
+    opened: list[Any] = []
+
+    def remember(sender: Any, connection: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name.startswith("berth-prewarm-"):
+            opened.append(connection)
+
+    connection_created.connect(remember)
+    try:
+        result = prewarm.run(record.pk, record.generation)
+    finally:
+        connection_created.disconnect(remember)
+
+    assert result.bytes_read == 5 * MIB
+    assert opened, "no reader thread wrote a progress event"
+    assert all(wrapper.connection is None for wrapper in opened)
