@@ -100,6 +100,9 @@ def launch(deployment: Deployment, generation: int, *, gpus: Sequence[Any] = ())
     except (LaunchFailure, host_checks.Refused) as exc:
         _fail_launch(deployment, client, spec, exc)
         return f"failed: {exc}"
+    except BaseException:  # the job fails (and is retried): no prewarm for a launch not made
+        cancel_prewarm(deployment.pk)
+        raise
     with transaction.atomic():
         Deployment.objects.filter(pk=deployment.pk).update(
             container_id=container.id, last_progress_at=timezone.now()

@@ -222,3 +222,44 @@ def test_progress_written_from_reader_threads_closes_their_database_connections(
     assert result.bytes_read == 5 * MIB
     assert opened, "no reader thread wrote a progress event"
     assert all(wrapper.connection is None for wrapper in opened)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_launch_that_raises_unexpectedly_cancels_its_prewarm(
+    team_a: Any, tmp_path: Path, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only LaunchFailure and Refused go through fail(), which cancels the prewarm; any other
+    exception after the prewarm started (a Docker API error, a database error) must cancel it
+    too, or it reads the whole checkpoint for a launch that is not happening."""
+    import docker
+    from deployments import host_checks, launcher
+    from deployments.models import Deployment
+    from deployments.states import State
+
+    settings.BERTH_PREWARM = "on"
+    write_shards(tmp_path / "team-a" / "llama", [MIB])
+    record = network_deployment(team_a, tmp_path)
+    Deployment.objects.filter(pk=record.pk).update(state=State.LAUNCHING)
+    record.refresh_from_db()
+    started = threading.Event()
+    cancelled: list[bool] = []
+
+    def blocking_run(pk: int, generation: int, cancel_event: threading.Event) -> None:
+        started.set()
+        cancelled.append(cancel_event.wait(timeout=10))
+
+    def docker_error(client: Any, deployment: Any) -> None:
+        assert started.wait(timeout=10)
+        raise docker.errors.APIError("500 Server Error: the daemon is restarting")
+
+    monkeypatch.setattr(prewarm, "run", blocking_run)
+    monkeypatch.setattr(launcher, "docker_client", lambda deployment: object())
+    monkeypatch.setattr(launcher, "_check_model_on_host", lambda deployment: None)
+    monkeypatch.setattr(host_checks, "pinned_image", docker_error)
+
+    with pytest.raises(docker.errors.APIError):
+        launcher.launch(record, record.generation)
+
+    thread = next(t for t in threading.enumerate() if t.name.endswith(f"-{record.pk}"))
+    thread.join(timeout=15)
+    assert cancelled == [True]
