@@ -8,7 +8,8 @@ given). A prune runs in one transaction:
    removed, the cutoff and the count — so ``audit_verify`` starts from it afterwards;
 3. delete the events up to that ``seq`` through the one escape the guards leave open: raw SQL
    past the ORM's refusal and, on PostgreSQL, ``SET LOCAL berth.audit_prune_through`` which the
-   append-only trigger honours for rows at or below that ``seq`` only, for this transaction only.
+   append-only trigger honours for rows at or below that ``seq`` only, for this transaction only,
+   and only while the checkpoint of step 2 is in the table (migration 0005).
 """
 
 from __future__ import annotations

@@ -456,3 +456,23 @@ def test_ordinary_deletes_are_still_refused_after_a_prune() -> None:
             with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
                 cursor.execute("DELETE FROM audit_auditevent WHERE seq = %s", [events[3].seq])
     assert AuditEvent.objects.filter(seq=events[3].seq).exists()
+
+
+@pytest.mark.postgres
+def test_a_hand_set_escape_without_its_checkpoint_deletes_nothing() -> None:
+    """The escape setting is a plain session setting anyone can set to any value: without the
+    audit.pruned checkpoint that names it, newer than the rows, the trigger refuses. Otherwise
+    the newest events could be cut off, and a chain cut at its tail still verifies."""
+    events = [audit.record(Action.GC_RAN, step=index) for index in range(4)]
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('berth.audit_prune_through', '999999999', true)")
+        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+            cursor.execute("DELETE FROM audit_auditevent WHERE seq >= %s", [events[2].seq])
+        # Naming an existing seq is not enough either: no checkpoint recorded it.
+        cursor.execute(
+            "SELECT set_config('berth.audit_prune_through', %s, true)", [str(events[1].seq)]
+        )
+        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+            cursor.execute("DELETE FROM audit_auditevent WHERE seq <= %s", [events[1].seq])
+    assert AuditEvent.objects.count() == 4
+    assert verify_stored_chain().ok
