@@ -144,8 +144,17 @@ def _repo_digests(image: Any) -> list[str]:
 
 def _carries(local: Any, repository: str, digest: str) -> bool:
     """Pulled images carry ``repository@digest`` in RepoDigests; a locally built image has
-    none, so its id (the config digest) must match and one of its tags name the repository."""
-    if f"{repository}@{digest}" in (local.attrs.get("RepoDigests") or []):
+    none, so its id (the config digest) must match and one of its tags name the repository.
+    Names are compared in Docker's short form, which is how it reports Docker Hub images."""
+    repository = _familiar(repository)
+    digests = [_familiar(entry) for entry in local.attrs.get("RepoDigests") or []]
+    if f"{repository}@{digest}" in digests:
         return True
-    tags = [tag.rpartition(":")[0] for tag in local.attrs.get("RepoTags") or []]
+    tags = [_familiar(tag.rpartition(":")[0]) for tag in local.attrs.get("RepoTags") or []]
     return local.id == digest and repository in tags
+
+
+def _familiar(name: str) -> str:
+    """``docker.io/library/ubuntu`` and ``library/ubuntu`` as Docker prints them: ``ubuntu``."""
+    name = name.removeprefix("docker.io/")
+    return name.removeprefix("library/") if name.count("/") == 1 else name

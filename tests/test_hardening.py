@@ -146,3 +146,33 @@ def test_a_pinned_reference_names_its_digest_and_repository() -> None:
     assert image.digest == "sha256:" + "d" * 64
     assert image.repository == "registry.local:5000/vllm/vllm-openai"
     assert EngineImage(reference="vllm/vllm-openai:v1").digest == ""
+
+
+@pytest.mark.parametrize(
+    ("reference", "repo_digest"),
+    [
+        ("docker.io/vllm/vllm-openai:v0.11.0", "vllm/vllm-openai"),
+        ("docker.io/library/ubuntu:24.04", "ubuntu"),
+        ("library/ubuntu", "ubuntu"),
+    ],
+    ids=["docker-io", "docker-io-library", "library"],
+)
+def test_a_pinned_docker_hub_image_matches_however_the_allow_list_spells_it(
+    reference: str, repo_digest: str
+) -> None:
+    """Docker reports a Docker Hub image's RepoDigests in the short form (``ubuntu@sha256:``,
+    ``vllm/vllm-openai@sha256:``); an allow-list entry written with ``docker.io/`` or
+    ``library/`` names the same image and must not be refused as another digest."""
+    from unittest import mock
+
+    from deployments import host_checks
+
+    digest = "sha256:" + "b" * 64
+    local = mock.Mock(id="sha256:" + "c" * 64, attrs={"RepoDigests": [f"{repo_digest}@{digest}"]})
+    client = mock.Mock()
+    client.images.get.return_value = local
+    client.images.list.return_value = [local]
+    deployment = mock.Mock(image=EngineImage(name="hub", reference=f"{reference}@{digest}"))
+
+    with mock.patch.object(host_checks.audit, "record"):  # a refusal would be audited
+        assert host_checks.pinned_image(client, deployment) == local.id
