@@ -195,10 +195,9 @@ def _one(queryset: Any, field: str, **lookup: Any) -> Any:
 
 
 def _name(raw: str) -> str:
-    try:
-        slug_validator(raw)
-    except ValidationError:
-        raise Refusal({"name": f"must be {FIELDS['name']}"}) from None
+    # fullmatch: the validator searches "^...$", which also passes "llama\n" (the form strips it).
+    if slug_validator.regex.fullmatch(raw) is None:
+        raise Refusal({"name": f"must be {FIELDS['name']}"})
     return raw
 
 
