@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 
 logger = logging.getLogger(__name__)
 
@@ -416,6 +416,8 @@ def _progress(deployment: Any, generation: int, progress: Progress, caller: Any)
     connection is closed at once: the thread ends with the prewarm and nothing else closes it."""
     try:
         _event(deployment, generation, progress.describe(), {})
+    except DatabaseError as exc:  # a lost progress line must not stop a reader mid-checkpoint
+        logger.warning("prewarm of deployment %s: progress not recorded: %s", deployment.pk, exc)
     finally:
         if threading.current_thread() is not caller:
             connection.close()

@@ -263,3 +263,29 @@ def test_a_launch_that_raises_unexpectedly_cancels_its_prewarm(
     thread = next(t for t in threading.enumerate() if t.name.endswith(f"-{record.pk}"))
     thread.join(timeout=15)
     assert cancelled == [True]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_progress_event_that_cannot_be_written_does_not_stop_the_reading(
+    team_a: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progress events are written from the reader threads; one that fails (SQLite busy, a
+    dropped connection) must not kill its reader and leave chunks unread."""
+    from django.db import OperationalError
+
+    shards = write_shards(tmp_path / "team-a" / "llama", [3 * MIB, 2 * MIB, MIB])
+    record = network_deployment(team_a, tmp_path)
+    monkeypatch.setattr(prewarm, "PROGRESS_EVERY_S", 0.0)
+    written = prewarm._event
+
+    def flaky(deployment: Any, generation: int, message: str, data: dict) -> None:
+        if threading.current_thread().name.startswith("berth-prewarm-"):
+            raise OperationalError("database is locked")
+        written(deployment, generation, message, data)
+
+    monkeypatch.setattr(prewarm, "_event", flaky)
+
+    result = prewarm.run(record.pk, record.generation)
+
+    assert result.bytes_read == result.total_bytes == sum(p.stat().st_size for p in shards)
+    assert not result.cancelled
