@@ -66,7 +66,7 @@ def deploy(request: HttpRequest) -> JsonResponse:
         services.record_denied(request.user, ValidationError(exc.errors), team=team)
         return JsonResponse({"errors": exc.errors}, status=exc.status)
     except (ValidationError, PermissionDenied) as exc:  # audited by the service
-        errors = getattr(exc, "message_dict", None) or {"team": str(exc)}
+        errors = getattr(exc, "message_dict", None) or {"team": _messages(exc)}
         status = 409 if isinstance(exc, services.AlreadyDeploying) else 400
         return JsonResponse({"errors": _flat(errors)}, status=status)
     url = reverse("deployment-detail", kwargs={"public_id": deployment.public_id})
@@ -199,6 +199,11 @@ def _name(raw: str) -> str:
     if slug_validator.regex.fullmatch(raw) is None:
         raise Refusal({"name": f"must be {FIELDS['name']}"})
     return raw
+
+
+def _messages(exc: Exception) -> list[str]:
+    """A refusal without fields (PermissionDenied, a plain ValidationError) as a message list."""
+    return list(getattr(exc, "messages", None) or [str(exc)])
 
 
 def _flat(errors: dict[str, list[str]]) -> dict[str, str]:

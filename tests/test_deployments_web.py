@@ -451,3 +451,16 @@ def test_the_json_api_deploys_with_the_session_and_the_csrf_header(
     assert deployment.environment == {"NCCL_DEBUG": "WARN"}
     assert get_queue(setup["host"].queue_name).job_ids == [f"launch-{deployment.pk}-1"]
     get_queue(setup["host"].queue_name).empty()
+
+
+def test_the_json_api_reports_a_refusal_without_fields_as_whole_messages() -> None:
+    from django.core.exceptions import PermissionDenied, ValidationError
+
+    from deployments import api
+
+    assert api._flat({"team": api._messages(PermissionDenied("not a member of team-b"))}) == {
+        "team": "not a member of team-b"
+    }
+    assert api._flat({"team": api._messages(ValidationError(["quota", "exceeded"]))}) == {
+        "team": "quota exceeded"
+    }
