@@ -10,6 +10,7 @@ Answers 201 with the deployment's id and page; 400 with ``{"errors": {field: mes
 anything refused — an unknown key (``privileged``, ``cap_add``...) is named, never ignored;
 409 when the team already runs a deployment of that name; 413 for a body over
 ``DATA_UPLOAD_MAX_MEMORY_SIZE``. Every refusal is audited as ``denied`` and enqueues nothing.
+Not signed in: 401; a failed CSRF check or a role that may not deploy: 403 — all in JSON.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.contrib.auth.decorators import login_not_required
 from django.core.exceptions import PermissionDenied, RequestDataTooBig, ValidationError
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
 from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from accounts.access import role_required, visible_teams
+from accounts.access import visible_teams
 from accounts.models import Role, slug_validator
 from deployments import services
 from deployments.models import EngineImage
@@ -52,10 +56,41 @@ class Refusal(Exception):
         self.errors, self.status = errors, status
 
 
+class _CsrfCheck(CsrfViewMiddleware):
+    """Django's own CSRF check, answering with the reason instead of the HTML 403 page."""
+
+    def _reject(self, request: HttpRequest, reason: str) -> str:  # type: ignore[override]
+        return reason
+
+
+def _unanswered(request: HttpRequest) -> HttpResponse:
+    raise AssertionError("the CSRF check never calls the view")
+
+
+def _door(request: HttpRequest) -> JsonResponse | None:
+    """Sign-in, CSRF and role, answered in JSON (the console's pages answer these in HTML)."""
+    user = request.user
+    if not user.is_authenticated:
+        return _error("session", "sign in first: the API uses the browser session", 401)
+    if (reason := _CsrfCheck(_unanswered).process_view(request, None, (), {})) is not None:
+        fix = "send the csrftoken cookie's value in the X-CSRFToken header, from this origin"
+        return _error("csrf", f"CSRF verification failed ({reason}): {fix}", 403)
+    if not (user.is_active and (user.role == Role.MEMBER or user.role == Role.ADMIN)):
+        return _error("session", "only team members and admins may deploy", 403)
+    return None
+
+
+def _error(field: str, message: str, status: int) -> JsonResponse:
+    return JsonResponse({"errors": {field: message}}, status=status)
+
+
 @require_POST
-@role_required(Role.MEMBER)
+@login_not_required
+@csrf_exempt  # checked in _door, so that a refusal is JSON too
 def deploy(request: HttpRequest) -> JsonResponse:
     """Validate strictly, then call :func:`services.request_deployment` like the form does."""
+    if (refused := _door(request)) is not None:
+        return refused
     team = None
     try:
         document = _document(request)

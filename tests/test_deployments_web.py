@@ -464,3 +464,25 @@ def test_the_json_api_reports_a_refusal_without_fields_as_whole_messages() -> No
     assert api._flat({"team": api._messages(ValidationError(["quota", "exceeded"]))}) == {
         "team": "quota exceeded"
     }
+
+
+def test_the_json_api_answers_sign_in_csrf_and_role_refusals_in_json(
+    alice: User, carol: User
+) -> None:
+    anonymous = Client(enforce_csrf_checks=True).post(
+        "/deployments/api/", "{}", content_type="application/json"
+    )
+    assert anonymous.status_code == 401
+    assert "sign in first" in anonymous.json()["errors"]["session"]
+
+    member = Client(enforce_csrf_checks=True)
+    member.force_login(alice)
+    no_token = member.post("/deployments/api/", "{}", content_type="application/json")
+    assert no_token.status_code == 403
+    assert "X-CSRFToken" in no_token.json()["errors"]["csrf"]
+
+    auditor = Client()
+    auditor.force_login(carol)
+    refused = auditor.post("/deployments/api/", "{}", content_type="application/json")
+    assert refused.status_code == 403
+    assert refused.json() == {"errors": {"session": "only team members and admins may deploy"}}

@@ -91,10 +91,10 @@ ROWS: dict[str, list[Row]] = {
     "deployments/": [Row("get", MEMBER_PAGE)],
     "deployments/new/": [Row("get", MEMBER_PAGE), Row("post", MEMBER_PAGE)],
     "deployments/new/plan/": [Row("get", (405, 405, 405, 405, 302)), Row("post", MEMBER_PAGE)],
-    # An empty body is not JSON: 415 for those allowed to deploy.
+    # An empty body is not JSON: 415 for those allowed to deploy; refusals answer in JSON.
     "deployments/api/": [
-        Row("get", (405, 405, 405, 405, 302)),
-        Row("post", (415, 415, 403, 415, 302)),
+        Row("get", (405, 405, 405, 405, 405)),
+        Row("post", (415, 415, 403, 415, 401)),
     ],
     "deployments/<uuid:public_id>/": [Row("get", TEAM_A_PAGE, _deployment)],
     "deployments/<uuid:public_id>/stream/": [Row("stream", TEAM_A_PAGE, _deployment)],
