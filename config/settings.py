@@ -149,7 +149,10 @@ if _database["ENGINE"].endswith("sqlite3"):
     # A file, not memory, so worker and server processes started by tests see the test data.
     _database["TEST"] = {"NAME": str(Path(_database["NAME"]).with_suffix("")) + "-test.sqlite3"}
 else:
-    _database["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", default=60, minimum=0)
+    # 0 by default: under ASGI each request's sync code runs on a thread of its own, so a kept
+    # connection would outlive its thread and close only when garbage-collected (Django's docs
+    # say to disable persistent connections in async mode). Workers reconnect per job anyway.
+    _database["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", default=0, minimum=0)
     _database["CONN_HEALTH_CHECKS"] = True
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
