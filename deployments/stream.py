@@ -26,7 +26,9 @@ KEEPALIVE_S = 15.0
 
 
 def channel(deployment_pk: int) -> str:
-    return f"berth:deployment:{deployment_pk}"
+    """Pub/sub channels are server-wide (no database number applies), so the name carries the
+    instance: two consoles — or a test run and a console — on one Redis never cross."""
+    return f"berth:{settings.BERTH_INSTANCE}:deployment:{deployment_pk}"
 
 
 def publish(deployment_pk: int, kind: str = "changed") -> None:

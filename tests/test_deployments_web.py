@@ -486,3 +486,14 @@ def test_the_json_api_answers_sign_in_csrf_and_role_refusals_in_json(
     refused = auditor.post("/deployments/api/", "{}", content_type="application/json")
     assert refused.status_code == 403
     assert refused.json() == {"errors": {"session": "only team members and admins may deploy"}}
+
+
+def test_stream_channels_are_per_instance(settings: Any) -> None:
+    """Redis pub/sub ignores database numbers: two consoles on one server must not cross."""
+    from deployments.stream import channel
+
+    settings.BERTH_INSTANCE = "east"
+    east = channel(7)
+    settings.BERTH_INSTANCE = "west"
+    assert channel(7) != east
+    assert "west" in channel(7)
