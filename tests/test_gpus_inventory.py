@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
 
 from audit.models import AuditEvent
 from gpus import inventory
@@ -86,6 +87,19 @@ def test_collection_stores_current_rows_and_one_batch_of_history(
     )
     assert gpu0.processes[0]["pid"] == 37305
     assert AuditEvent.objects.filter(action="gpu.appeared").count() == 8
+
+
+@pytest.mark.postgres
+def test_only_rounds_without_a_state_change_skip_the_wal_flush(host: Host) -> None:
+    def commit_mode() -> str:
+        with connection.cursor() as cursor:  # SET LOCAL lasts until the test's transaction ends
+            cursor.execute("SHOW synchronous_commit")
+            return cursor.fetchone()[0]
+
+    inventory.store_collection(host, Collection(busy_h100()), NOW)  # pending -> online: audited
+    assert commit_mode() == "on"
+    inventory.store_collection(host, Collection(busy_h100()), NOW + timedelta(seconds=15))
+    assert commit_mode() == "off"
 
 
 def test_all_sources_failing_marks_the_host_unavailable_with_each_error(host: Host) -> None:
