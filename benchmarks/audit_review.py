@@ -52,6 +52,7 @@ from benchmarks._common import (
     print_table,
     setup_django,
     summary,
+    target,
 )
 
 PG_DATABASE = "bench_audit"
@@ -476,8 +477,30 @@ def main() -> None:
             "results": results,
             "exports": export_results,
             "machine": machine_info(),
+            "targets": _targets(results, export_results, total),
         },
     )
+
+
+def _targets(results: list[dict], exports: list[dict], total: int) -> list[dict]:
+    """Under 300 ms at a million events; query count independent of page size; exports
+    streamed (memory flat whatever the number of rows)."""
+    by_case = {r["case"]: r for r in results}
+    worst = max(r["ms"]["p95"] for r in results)
+    queries = max(r["queries"] for r in results)
+    small, large = by_case["no filter, first page"], by_case["no filter, 200 rows"]
+    peak = max(r["peak_mib"] for r in exports)
+    return [
+        target(f"worst filtered page p95 ms ({total:,} events)", worst, "< 300", worst < 300),
+        target("SQL queries per page (max)", queries, "<= 6", queries <= 6),
+        target(
+            "queries, 200-row page vs 50-row page",
+            f"{large['queries']} vs {small['queries']}",
+            "equal",
+            large["queries"] == small["queries"],
+        ),
+        target("export peak memory MiB", peak, "< 50", peak < 50),
+    ]
 
 
 if __name__ == "__main__":
