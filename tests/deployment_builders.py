@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from django.conf import settings
 
 from accounts.models import Team
 from deployments.models import Deployment, EngineImage
@@ -55,3 +59,16 @@ def deployment(
         gpu_count=gpu_count,
         tensor_parallel_size=gpu_count,
     )
+
+
+def remove_engines(docker_client: Any, deployments: Iterable[Deployment]) -> None:
+    """Remove what launches of ``deployments`` left on the engine: containers and cache volumes."""
+    for deployment in deployments:
+        for container in docker_client.containers.list(
+            all=True, filters={"name": deployment.container_name}
+        ):
+            container.remove(force=True)
+        for volume in docker_client.volumes.list(
+            filters={"name": f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"}
+        ):
+            volume.remove(force=True)

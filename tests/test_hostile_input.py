@@ -34,7 +34,7 @@ from deployments.states import State
 from models_registry.models import Model
 from models_registry.services import reinspect
 from tests.conftest import PASSWORD
-from tests.deployment_builders import host_with_gpus, registered_model
+from tests.deployment_builders import host_with_gpus, registered_model, remove_engines
 from tests.model_dirs import write_model
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db]
@@ -591,7 +591,6 @@ def pinned_launch(
 ) -> Iterator[Callable[[str], Deployment]]:
     """Launch a queued CPU deployment of a real tiny model with an image pinned as given;
     its containers and cache volume are removed afterwards."""
-    from django.conf import settings
 
     write_model(tmp_path / "team-a" / "tiny")
     model = reinspect(registered_model(team_a, tmp_path, "tiny"))
@@ -615,15 +614,7 @@ def pinned_launch(
         return deployment
 
     yield launch
-    for deployment in made:
-        for container in docker_client.containers.list(
-            all=True, filters={"name": deployment.container_name}
-        ):
-            container.remove(force=True)
-        for volume in docker_client.volumes.list(
-            filters={"name": f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"}
-        ):
-            volume.remove(force=True)
+    remove_engines(docker_client, made)
 
 
 @pytest.mark.docker

@@ -16,7 +16,7 @@ from accounts.models import Team
 from deployments import launcher
 from deployments.models import Deployment, EngineImage, GpuAllocation
 from deployments.states import State
-from tests.deployment_builders import host_with_gpus, registered_model
+from tests.deployment_builders import host_with_gpus, registered_model, remove_engines
 from tests.model_dirs import write_model
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db]
@@ -79,15 +79,7 @@ def new_deployment(
         return deployment
 
     yield make
-    for deployment in made:
-        for container in docker_client.containers.list(
-            all=True, filters={"name": deployment.container_name}
-        ):
-            container.remove(force=True)
-        for volume in docker_client.volumes.list(
-            filters={"name": f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"}
-        ):
-            volume.remove(force=True)
+    remove_engines(docker_client, made)
 
 
 def watch_until(deployment: Deployment, states: set[State]) -> None:
