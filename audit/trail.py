@@ -21,9 +21,10 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connections, models, transaction
 from django.utils import timezone
 
-from audit import chain, context
+from audit import chain
 from audit.actions import Action, Outcome
 from audit.models import AuditEvent
+from core import context
 
 # Key of the PostgreSQL advisory lock that serializes appends (arbitrary, fixed: "berthaud").
 CHAIN_LOCK_KEY = 0x6265727468617564

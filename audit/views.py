@@ -25,9 +25,9 @@ from redis.exceptions import RedisError
 import audit
 from audit import chain, filters
 from audit.actions import Action, Outcome
-from audit.jobs import enqueue
 from audit.models import AuditEvent
 from audit.verification import latest_status
+from core.queues import enqueue
 
 # Events of the same request or job shown on an event's page (each one query, capped).
 RELATED_LIMIT = 100

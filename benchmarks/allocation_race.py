@@ -1,7 +1,7 @@
 """Allocation race: many launches at once for fewer free GPUs must never double-book one.
 
 Each round, ``--threads`` deployments (one GPU each) race for ``--free`` free GPUs of one host
-through the real reserve path, ``deployments.allocation.reserve`` (row locks on PostgreSQL,
+through the real reserve path, ``deployments.runtime.allocation.reserve`` (row locks on PostgreSQL,
 IMMEDIATE transactions on SQLite, and the partial unique constraint on both). A thread that
 loses a GPU tries the next one in its own shuffled order, as a retried launch would, until it
 holds one or every GPU is taken. After each round the allocation table is checked: no GPU may
@@ -71,7 +71,7 @@ def build(threads: int, free: int) -> tuple[list, list]:
 def racer(deployment, gpus: list, barrier: threading.Barrier, seed: int, out: dict) -> None:
     from django.db import connection
 
-    from deployments.allocation import AllocationConflict, reserve
+    from deployments.runtime.allocation import AllocationConflict, reserve
 
     order = list(gpus)
     random.Random(seed).shuffle(order)

@@ -5,7 +5,7 @@ There is no GPU here, so NVML is replaced at its one adapter (``gpus.collectors.
 plain stand-in answering with the H100 of ``tests/fixtures/gpu/h100-80gb/nvml-busy.json`` (eight
 of it per host, one process each). Everything after NVML is the real code.
 
-1. **Agent round**: ``gpus.agent.collect_round`` for one 8-GPU host — read (stand-in NVML), parse,
+1. **Agent round**: ``gpus.rounds.collect_round`` for one 8-GPU host — read (stand-in NVML), parse,
    attribute processes through the real local Docker engine (``docker ps`` + ``docker top``),
    ``docker info``, store — CPU time of this process (``time.process_time``) and wall time.
 2. **Ingest**: ``gpus.inventory.store_collection`` (one transaction per host and round: current
@@ -137,7 +137,7 @@ def parse_args() -> argparse.Namespace:
 
 def agent_rounds(rounds: int) -> dict[str, Any]:
     """CPU and wall time of whole agent rounds for one host (collect, parse, attribute, store)."""
-    from gpus.agent import collect_round
+    from agent.collector import collect_round
     from gpus.collectors import docker_client
     from gpus.models import Host
 

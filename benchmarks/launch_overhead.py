@@ -3,17 +3,17 @@
 Berth's state ``ready``.
 
 Uses the stand-in engine (``docker/test-engine/``, NOT vLLM; built by
-``deployments.stand_in.build_engine_image``), the local Docker engine, a throw-away SQLite
+``deployments.runtime.stand_in.build_engine_image``), the local Docker engine, a throw-away SQLite
 database and the benchmark Redis database, under its own instance name (``BERTH_INSTANCE=
 berth-bench``, engine ports 31500-31999) so no other Berth on this machine sees its containers.
 
 1. **docker run**: ``containers.run(detach=True)`` of the stand-in with its model mounted and a
    published port, until Docker reports it running (``--runs`` times).
 2. **Berth, in-process**: ``deployments.services.request_deployment`` (validate, record, audit,
-   enqueue on commit) and then the launch job's function ``deployments.jobs.launch_job`` called
-   directly in this process — no queue, so this is Berth's own work: re-inspecting the model
-   on the host, building the spec, creating and starting the container (``--runs`` times).
-   The ratio to (1) is the overhead.
+   enqueue on commit) and then the launch job's function
+   ``deployments.runtime.jobs.launch_job`` called directly in this process — no queue, so this
+   is Berth's own work: re-inspecting the model on the host, building the spec, creating and
+   starting the container (``--runs`` times). The ratio to (1) is the overhead.
 3. **Berth, through a real worker**: ``manage.py berth_worker host:<name> --with-scheduler
    --simple`` (the job loop the host agent runs: a SimpleWorker with RQ's scheduler), started
    beforehand; request → ``launching`` (job picked up) → ``loading`` (container started), from
@@ -93,7 +93,7 @@ class Fixture:
     def __init__(self, root: Path, image_tag: str) -> None:
         from accounts.models import Membership, Role, Team, User
         from deployments.models import EngineImage
-        from deployments.stand_in import engine_health_command
+        from deployments.runtime.stand_in import engine_health_command
         from models_registry.tiny_model import write_model
         from tests.deployment_builders import registered_model
 
@@ -153,8 +153,8 @@ def in_process_launches(
     fixture: Fixture, host: Any, client: Any, numbers: list[int]
 ) -> dict[str, list]:
     """Request + launch job function in this process; seconds per step."""
-    from deployments.jobs import launch_job
     from deployments.models import Deployment
+    from deployments.runtime.jobs import launch_job
     from deployments.states import State
 
     request_s, launch_s, total_s = [], [], []
@@ -262,14 +262,14 @@ def start_worker(queue_name: str) -> Any:
 def wait_for_worker(queue_name: str) -> None:
     from rq import Worker
 
-    from audit.jobs import get_queue
+    from core.queues import get_queue
 
     queue = get_queue(queue_name)
     wait_for(lambda: Worker.all(queue=queue), deadline_s=DEADLINE_S, poll_s=0.1, what="the worker")
 
 
 def clean_up(client: Any, queues: list[str]) -> None:
-    from audit.jobs import get_queue
+    from core.queues import get_queue
 
     for container in client.containers.list(
         all=True, filters={"label": f"berth.instance={INSTANCE}"}
@@ -295,7 +295,7 @@ def main() -> None:
     setup_django()
     from django.conf import settings
 
-    from deployments.stand_in import build_engine_image
+    from deployments.runtime.stand_in import build_engine_image
     from gpus.collectors import docker_client
     from gpus.models import Host
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import emit_json, print_table, summary, target
-from deployments.planner import GIB, PlanRequest, plan
+from deployments.planning import GIB, PlanRequest, plan
 
 CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "model_configs"
 GPU_SHAPES = ((24, 1), (24, 2), (40, 4), (48, 8), (80, 1), (80, 8), (141, 8))

@@ -6,7 +6,7 @@ throw-away SQLite database and the benchmark Redis database, signs a member in (
 made with Django's test client), then opens ``--viewers`` concurrent Server-Sent Events
 connections to ``/deployments/<uuid>/stream/`` (raw asyncio streams, HTTP/1.1), each counted as
 connected once its first ``event: status`` arrives. Then publishes ``--changes`` changes through
-the real ``deployments.stream.publish`` (Redis pub/sub), one after another, each once every
+the real ``deployments.changes.publish`` (Redis pub/sub), one after another, each once every
 viewer has the previous one, and records publish→receipt per viewer. Reports connections made,
 latency p50/p95/p99 (target: 1,000 viewers, p99 under 1 s), the worker's RSS before and with
 the viewers (growth per stream) and its thread count::
@@ -161,7 +161,7 @@ async def until(predicate, deadline_s: float) -> bool:
 async def drive(args: argparse.Namespace, port: int, made: Any, cookie: str, pid: int) -> dict:
     from django.db import connection
 
-    from deployments.stream import publish
+    from deployments.changes import publish
 
     # One publishing thread with its database connection opened before the viewers arrive
     # (publish() defers to on_commit, which asks the connection): on PostgreSQL the viewers

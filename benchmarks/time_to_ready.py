@@ -12,9 +12,9 @@ process's cache too), read everything, and check that the files are resident aft
     .venv/bin/python benchmarks/time_to_ready.py --quick         # 1 GiB, 2 rounds
 
 Readers: ``dd if=F of=/dev/null bs=16M`` and ``cat F... > /dev/null`` (child processes,
-argument lists), and ``deployments.prewarm.Prewarmer`` (``BERTH_PREWARM_THREADS`` threads, 64
-MiB chunks, 16 MiB reads; also with 1 thread). Target (performance.md §5, B2): prewarm >= 90%
-of dd's throughput.
+argument lists), and ``deployments.runtime.prewarm.Prewarmer`` (``BERTH_PREWARM_THREADS``
+threads, 64 MiB chunks, 16 MiB reads; also with 1 thread). Target (performance.md §5, B2):
+prewarm >= 90% of dd's throughput.
 
 Then what a prewarm saves an engine's load. The stand-in engine reads no weights
 (``docker/test-engine/README.md``: it only counts shards), so the load is imitated the way
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
 def check_room(directory: Path, total: int) -> None:
     """Refuse sizes that do not fit: the shards must fit on disk with room to spare, and in a
     third of available memory (or 'resident after' would measure eviction, not reading)."""
-    from deployments.prewarm import available_memory_bytes
+    from deployments.runtime.prewarm import available_memory_bytes
 
     directory.mkdir(parents=True, exist_ok=True)
     free_disk = shutil.disk_usage(directory).free
@@ -114,7 +114,7 @@ def make_shards(directory: Path, total: int, count: int) -> list[Path]:
 
 def drop(files: list[Path]) -> float:
     """Drop every file from the page cache; returns the largest share still resident."""
-    from deployments.prewarm import drop_from_page_cache, resident_fraction
+    from deployments.runtime.prewarm import drop_from_page_cache, resident_fraction
 
     for path in files:
         drop_from_page_cache(path)
@@ -122,7 +122,7 @@ def drop(files: list[Path]) -> float:
 
 
 def resident(files: list[Path]) -> float:
-    from deployments.prewarm import resident_fraction
+    from deployments.runtime.prewarm import resident_fraction
 
     total = sum(p.stat().st_size for p in files)
     return sum(resident_fraction(p) * p.stat().st_size for p in files) / total
@@ -142,7 +142,7 @@ def read_cat(files: list[Path]) -> None:
 
 
 def read_prewarm(files: list[Path], threads: int) -> None:
-    from deployments.prewarm import Prewarmer
+    from deployments.runtime.prewarm import Prewarmer
 
     result = Prewarmer(files, threads=threads).run()
     if result.bytes_read != result.total_bytes or result.errors:
@@ -244,7 +244,7 @@ def main() -> None:
     if args.threads is None:
         from django.conf import settings
 
-        from deployments.prewarm import DEFAULT_THREADS
+        from deployments.runtime.prewarm import DEFAULT_THREADS
 
         args.threads = DEFAULT_THREADS if args.standalone else settings.BERTH_PREWARM_THREADS
     total = int(args.size_gib * GIB) // args.shards * args.shards

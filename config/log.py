@@ -6,7 +6,7 @@ import json
 import logging
 from datetime import UTC, datetime
 
-from audit import context
+from core import context
 
 
 class ContextFilter(logging.Filter):

@@ -32,8 +32,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from rq.job import Job
 
-from audit.jobs import get_queue, redis_connection
-from config.queues import DEFAULT_QUEUE
+from core.queues import DEFAULT_QUEUE, get_queue, redis_connection
 from deployments.models import Deployment
 from deployments.states import State
 from gpus.models import Gpu, Host
@@ -194,7 +193,7 @@ def _recent_durations(queues: list[Any]) -> dict[tuple[str, str], list[float]]:
     by_function: dict[tuple[str, str], list[float]] = defaultdict(list)
     for (name, _id), (description, started, ended) in zip(sampled, pipeline.execute(), strict=True):
         if description and started and ended:
-            # RQ's description is the call, "deployments.jobs.watch_job(1, 1)".
+            # RQ's description is the call, "deployments.runtime.jobs.watch_job(1, 1)".
             function = description.decode().split("(", 1)[0]
             seconds = (_when(ended) - _when(started)).total_seconds()
             by_function[name, function].append(max(seconds, 0.0))

@@ -87,6 +87,8 @@ INSTALLED_APPS = [
     "django_rq",
     "axes",
     "config",
+    "agent",
+    "core",
     "accounts",
     "audit",
     "models_registry",
@@ -99,7 +101,7 @@ MIDDLEWARE = [
     "config.middleware.PermissionsPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     # Request id and client IP first, so every log line below carries them.
-    "audit.middleware.RequestContextMiddleware",
+    "core.middleware.RequestContextMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -165,7 +167,7 @@ RQ_QUEUES = {
         "DEFAULT_TIMEOUT": env_int("RQ_DEFAULT_TIMEOUT_S", 600, minimum=1),
     },
 }
-RQ = {"JOB_CLASS": "audit.jobs.ContextJob"}
+RQ = {"JOB_CLASS": "core.queues.ContextJob"}
 RQ_SHOW_ADMIN_LINK = True
 
 # --- Auth -----------------------------------------------------------------------------------
@@ -362,9 +364,10 @@ BERTH_AUDIT_VERIFY_INTERVAL_H = env_int(
 # the default; prune_audit then refuses without --force). GPU snapshot retention is
 # BERTH_GPU_RAW_RETENTION_H / BERTH_GPU_ROLLUP_RETENTION_D above, applied hourly by each agent.
 BERTH_AUDIT_RETENTION_DAYS = env_int("BERTH_AUDIT_RETENTION_DAYS", default=0, minimum=0)
-# Page-cache prewarm of a model's weights while its container starts (deployments/prewarm.py):
-# auto = on for network and object storage mounts; skipped when the weights exceed this fraction
-# of the host's available memory (vLLM's own auto-prefetch uses 90%, vllm.md §4.3).
+# Page-cache prewarm of a model's weights while its container starts
+# (deployments/runtime/prewarm.py): auto = on for network and object storage mounts; skipped when
+# the weights exceed this fraction of the host's available memory (vLLM's own auto-prefetch uses
+# 90%, vllm.md §4.3).
 BERTH_PREWARM = env_choice("BERTH_PREWARM", ("auto", "on", "off"), "auto")
 BERTH_PREWARM_RAM_FRACTION = env_float(
     "BERTH_PREWARM_RAM_FRACTION", 0.8, minimum=0.05, maximum=0.95

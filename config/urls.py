@@ -18,7 +18,7 @@ urlpatterns = [
     path("audit/", include("audit.urls")),
     path("gpus/", include("gpus.urls")),
     path("models/", include("models_registry.urls")),
-    path("deployments/", include("deployments.urls")),
+    path("deployments/", include("deployments.web.urls")),
     path("admin/", admin.site.urls),
 ]
 

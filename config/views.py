@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from accounts.access import visible_teams
 from audit.models import AuditEvent
-from config.queues import redis_connection
+from core.queues import redis_connection
 from deployments.models import Deployment
 from deployments.states import State
 from gpus.models import Host

@@ -22,8 +22,8 @@ import audit
 from accounts.access import TeamOwnedQuerySet
 from accounts.models import Team, slug_validator
 from audit.actions import Action
+from deployments.changes import publish
 from deployments.states import ACTIVE, State, check_transition
-from deployments.stream import publish
 
 # repository[:tag][@sha256:<64 hex>] — Docker's reference grammar, narrowed: lowercase
 # repository path (optionally a registry host:port first), tag, digest. No whitespace, newline or
@@ -181,7 +181,7 @@ class Deployment(models.Model):
 
     @property
     def container_name(self) -> str:
-        from deployments.launch_spec import container_name
+        from deployments.runtime.launch_spec import container_name
 
         return container_name(self.pk, self.generation, settings.BERTH_INSTANCE)
 

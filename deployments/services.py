@@ -19,10 +19,16 @@ from accounts.access import team_ids
 from accounts.models import Team
 from audit.actions import Action, Outcome
 from audit.trail import denial_reason
-from deployments import host_checks, planner
-from deployments.engine_args import EngineArgs, SchemaError, parse_engine_args, parse_environment
-from deployments.jobs import enqueue_delete, enqueue_launch, enqueue_stop
+from deployments import planning
 from deployments.models import Deployment, EngineImage
+from deployments.runtime import host_checks
+from deployments.runtime.engine_args import (
+    EngineArgs,
+    SchemaError,
+    parse_engine_args,
+    parse_environment,
+)
+from deployments.runtime.jobs import enqueue_delete, enqueue_launch, enqueue_stop
 from deployments.states import ACTIVE, State
 
 MIB = 1024**2
@@ -48,7 +54,7 @@ class DeployRequest:
     override_reason: str = ""  # admins only: launch although the plan does not fit
 
 
-def plan_for(model: Any, host: Any, args: EngineArgs, gpu_count: int | None) -> planner.Plan:
+def plan_for(model: Any, host: Any, args: EngineArgs, gpu_count: int | None) -> planning.Plan:
     """The planner's answer for ``model`` on ``host``'s GPUs with these flags."""
     gpus = [gpu for gpu in host.gpus.all() if gpu.present and gpu.memory_total_mib]
     if not gpus:
@@ -56,15 +62,15 @@ def plan_for(model: Any, host: Any, args: EngineArgs, gpu_count: int | None) -> 
             {"host": f"{host.name} reports no GPUs: pick another host or a CPU image"}
         )
     summary = (
-        planner.WeightsSummary(model.parameter_count, model.weights_bytes, dict(model.dtypes))
+        planning.WeightsSummary(model.parameter_count, model.weights_bytes, dict(model.dtypes))
         if model.parameter_count and model.weights_bytes
         else None
     )
-    request = planner.PlanRequest(
+    request = planning.PlanRequest(
         gpu_memory_bytes=min(gpu.memory_total_mib for gpu in gpus) * MIB,
         gpu_count=len(gpus),
         gpu_memory_utilization=args.gpu_memory_utilization
-        or planner.DEFAULT_GPU_MEMORY_UTILIZATION,
+        or planning.DEFAULT_GPU_MEMORY_UTILIZATION,
         max_model_len=args.max_model_len,
         dtype=args.dtype or "auto",
         kv_cache_dtype=args.kv_cache_dtype or "auto",
@@ -74,8 +80,8 @@ def plan_for(model: Any, host: Any, args: EngineArgs, gpu_count: int | None) -> 
         enforce_eager=args.enforce_eager,
     )
     try:
-        return planner.plan(model.config, request, summary)
-    except planner.PlannerError as exc:
+        return planning.plan(model.config, request, summary)
+    except planning.PlannerError as exc:
         raise ValidationError({"model": f"cannot plan this model: {exc}"}) from None
 
 
@@ -198,7 +204,7 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
     plan_json = {
         **result.as_json(),
         "gpu_memory_utilization": args.gpu_memory_utilization
-        or planner.DEFAULT_GPU_MEMORY_UTILIZATION,
+        or planning.DEFAULT_GPU_MEMORY_UTILIZATION,
     }
     timers = {
         "health_start_period_s": result.startup.health_start_period_s,
@@ -210,7 +216,7 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
 
 def _check_team_quota(team: Team, wanted: int) -> None:
     """Refuse a plan the team's GPU quota cannot hold (checked again when reserving)."""
-    from deployments.allocation import team_gpus_in_use
+    from deployments.runtime.allocation import team_gpus_in_use
 
     if team.gpu_quota is not None:
         in_use = team_gpus_in_use(team.pk)

@@ -8,9 +8,9 @@ from typing import Any
 from django.contrib import admin
 
 import audit
-from audit import jobs as audit_jobs
 from audit.actions import Action
-from audit.jobs import get_queue
+from core import queues
+from core.queues import get_queue
 from gpus.models import Gpu, Host
 
 
@@ -29,8 +29,8 @@ class HostAdmin(admin.ModelAdmin):
     def collect_garbage(self, request: Any, queryset: Any) -> None:
         for host in queryset:
             # By job name: the deployments app owns garbage collection.
-            job_id = audit_jobs.enqueue(
-                get_queue(host.queue_name), "deployments.jobs.gc_job", host.pk
+            job_id = queues.enqueue(
+                get_queue(host.queue_name), "deployments.runtime.jobs.gc_job", host.pk
             )
             audit.record(Action.GC_REQUESTED, target=host, job_id_queued=job_id)
         self.message_user(request, f"Garbage collection queued on {queryset.count()} host(s).")

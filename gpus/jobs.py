@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpus import agent, inventory
+from gpus import inventory, rounds
 from gpus.models import Host
 
 
 def collect_host(host_id: int) -> dict[str, Any]:
     """Collect and store the inventory of the host whose agent runs this job."""
     host = Host.objects.get(pk=host_id)
-    collection = agent.collect_round(host)
+    collection = rounds.collect_round(host)
     return {"ok": collection.ok, "source": host.inventory_source, "errors": host.inventory_errors}
 
 

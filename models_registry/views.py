@@ -14,7 +14,7 @@ import audit
 from accounts.access import get_visible_or_404, role_required, visible_teams
 from accounts.models import Role
 from audit.actions import Action, Outcome
-from audit.jobs import enqueue
+from core.queues import enqueue
 from models_registry import services
 from models_registry.forms import RegisterModelForm
 from models_registry.models import Model, ModelStatus, StorageMount

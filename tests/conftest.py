@@ -287,7 +287,7 @@ def busybox_image(docker_client: Any) -> str:
 def build_busybox_image(client: Any) -> str:
     import hashlib
 
-    from deployments.stand_in import build_from_files
+    from deployments.runtime.stand_in import build_from_files
 
     binary = BUSYBOX.read_bytes()
     tag = "berth-test/busybox:" + hashlib.sha256(BUSYBOX_DOCKERFILE + binary).hexdigest()[:12]

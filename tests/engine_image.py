@@ -6,7 +6,7 @@ prints vLLM's log milestones, refuses connections while "loading", then answers 
 See ``docker/test-engine/README.md``.
 
 ``tests/conftest.py`` imports the ``engine_image`` fixture, so every test module can use it.
-The image is built by ``deployments.stand_in`` (``manage.py berth_demo`` builds it the same
+The image is built by ``deployments.runtime.stand_in`` (``manage.py berth_demo`` builds it the same
 way), locally ``FROM scratch`` with Debian's static busybox, once per machine.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from deployments.stand_in import (
+from deployments.runtime.stand_in import (
     BUSYBOX,
     ENGINE_PORT,
     INSTALL_BUSYBOX,

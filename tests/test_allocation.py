@@ -10,8 +10,8 @@ from django.db import IntegrityError, connections, transaction
 
 from accounts.models import Team
 from audit.models import AuditEvent
-from deployments.allocation import AllocationConflict, release, reserve
 from deployments.models import GpuAllocation
+from deployments.runtime.allocation import AllocationConflict, release, reserve
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
 
 RACERS = 8

@@ -13,11 +13,12 @@ from django.db import connection
 
 import audit
 from accounts.models import Team, User
-from audit import chain, context
+from audit import chain
 from audit.actions import Action, Outcome
 from audit.models import AppendOnlyError, AuditEvent
 from audit.trail import Target
 from audit.verification import verify_stored_chain
+from core import context
 
 pytestmark = pytest.mark.django_db
 

@@ -8,9 +8,8 @@ from django.test import Client
 from rq import Queue
 
 from accounts.models import User
-from audit.jobs import enqueue
 from audit.models import AuditEvent
-from config.queues import get_queue
+from core.queues import enqueue, get_queue
 from tests.conftest import run_manage, subprocess_env
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]

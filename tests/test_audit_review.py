@@ -19,14 +19,15 @@ from django.utils import timezone
 
 import audit
 from accounts.models import Team, User
-from audit import context, views
+from audit import views
 from audit.actions import Action, Outcome
 from audit.jobs import SCHEDULED_VERIFY_PREFIX, schedule_verification, verify_chain
 from audit.models import AppendOnlyError, AuditEvent
 from audit.retention import PruneRefused, prune_before
 from audit.trail import Target
 from audit.verification import latest_status, verify_and_record, verify_stored_chain
-from config.queues import get_queue
+from core import context
+from core.queues import get_queue
 from tests.conftest import run_manage, subprocess_env
 
 pytestmark = pytest.mark.django_db

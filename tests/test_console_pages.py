@@ -12,7 +12,6 @@ from django.test import Client
 from django.utils import timezone
 
 from accounts.models import Team, User
-from audit.jobs import get_queue
 from config.templatetags.berth_time import (
     absolute,
     duration_since,
@@ -20,6 +19,7 @@ from config.templatetags.berth_time import (
     relative,
     with_offsets,
 )
+from core.queues import get_queue
 from deployments.models import Deployment, DeploymentEvent
 from deployments.states import State
 from models_registry.models import StorageMount

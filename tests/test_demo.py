@@ -14,8 +14,8 @@ from django.core.management.base import CommandError
 
 from accounts.models import Role, User
 from audit.models import AuditEvent
-from deployments import stand_in
 from deployments.models import EngineImage
+from deployments.runtime import stand_in
 from gpus.hosts import local_host_name
 from gpus.models import Host
 from models_registry.inspection import inspect_directory

@@ -14,8 +14,8 @@ import pytest
 from django.test import AsyncClient, Client
 
 from accounts.models import Team, User
-from audit.jobs import get_queue
 from audit.models import AuditEvent
+from core.queues import get_queue
 from deployments.models import Deployment, EngineImage
 from deployments.states import State
 from tests.conftest import BASE_DIR, subprocess_env
@@ -284,7 +284,7 @@ async def _closing_connections(check: Any) -> None:
 async def _stream_check(alice: User, setup: dict[str, Any]) -> None:
     from asgiref.sync import sync_to_async
 
-    from deployments.stream import publish
+    from deployments.changes import publish
 
     deployment = await Deployment.objects.acreate(
         name="tiny",
@@ -456,7 +456,7 @@ def test_the_json_api_deploys_with_the_session_and_the_csrf_header(
 def test_the_json_api_reports_a_refusal_without_fields_as_whole_messages() -> None:
     from django.core.exceptions import PermissionDenied, ValidationError
 
-    from deployments import api
+    from deployments.web import api
 
     assert api._flat({"team": api._messages(PermissionDenied("not a member of team-b"))}) == {
         "team": "not a member of team-b"
@@ -490,7 +490,7 @@ def test_the_json_api_answers_sign_in_csrf_and_role_refusals_in_json(
 
 def test_stream_channels_are_per_instance(settings: Any) -> None:
     """Redis pub/sub ignores database numbers: two consoles on one server must not cross."""
-    from deployments.stream import channel
+    from deployments.changes import channel
 
     settings.BERTH_INSTANCE = "east"
     east = channel(7)

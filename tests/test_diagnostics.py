@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 
-from deployments.diagnostics import RULES, diagnose
+from deployments.runtime.diagnostics import RULES, diagnose
 
 LOGS = Path(__file__).parent / "fixtures" / "vllm_logs"
 PREFIX = "INFO 11-27 04:10:01 [utils.py:233] non-default args: {'model': '/models/x'}\n"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deployments.engine_args import (
+from deployments.runtime.engine_args import (
     ALLOWED_ENV,
     MAX_VARIABLES,
     REFUSED_ENV,

@@ -12,7 +12,7 @@ from django.conf import settings
 
 import docker
 from audit.models import AuditEvent
-from deployments.gc import collect, parse_reclaimed, prune_builder_cache
+from deployments.runtime.gc import collect, parse_reclaimed, prune_builder_cache
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,7 @@ def test_builder_prune_runs_exec_style_against_the_engine(docker_client: Any) ->
 
 
 def test_age_must_be_a_whole_number() -> None:
-    from deployments.gc import GcError
+    from deployments.runtime.gc import GcError
 
     with pytest.raises(GcError, match="non-negative whole number"):
         prune_builder_cache("24h; rm -rf /")  # type: ignore[arg-type]
@@ -97,8 +97,8 @@ def test_admins_queue_gc_per_host_and_the_job_keeps_live_engines(
 ) -> None:
     from django.test import Client
 
-    from audit.jobs import get_queue
-    from deployments.jobs import gc_job
+    from core.queues import get_queue
+    from deployments.runtime.jobs import gc_job
     from gpus.models import Host
 
     host = Host.objects.create(name="gc-host")

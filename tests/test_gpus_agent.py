@@ -18,7 +18,7 @@ from redis import Redis
 from rq import Queue
 from rq.job import JobStatus
 
-from gpus.agent import CollectorLoop
+from agent.collector import CollectorLoop
 from gpus.hosts import register_host
 from gpus.models import Host, HostStatus
 from gpus.readings import Collection, Inventory, Source, SourceFailure
@@ -85,7 +85,7 @@ def test_heartbeats_continue_while_a_collection_hangs() -> None:
     host = register_host("gpu-slow")[0]
     release = threading.Event()
     with mock.patch(
-        "gpus.agent.collect_round", autospec=True, side_effect=lambda *a, **k: release.wait(30)
+        "agent.collector.collect_round", autospec=True, side_effect=lambda *a, **k: release.wait(30)
     ):
         loop = CollectorLoop(host, interval_s=0.1)
         loop.start()
@@ -110,16 +110,17 @@ def test_each_round_reconciles_on_its_own_interval_and_a_lasting_failure_is_logg
     failed = Collection(None, (SourceFailure(Source.NVML, "NVMLError_LibraryNotFound"),))
     loop = CollectorLoop(host, interval_s=60)
     with (
-        mock.patch("gpus.agent.collect_round", autospec=True, return_value=failed) as rounds,
-        mock.patch("gpus.agent.audit_jobs.enqueue", autospec=True) as enqueue,
-        caplog.at_level(logging.WARNING, logger="gpus.agent"),
+        mock.patch("agent.collector.collect_round", autospec=True, return_value=failed) as rounds,
+        mock.patch("agent.collector.queues.enqueue", autospec=True) as enqueue,
+        caplog.at_level(logging.WARNING, logger="agent.collector"),
     ):
         for _ in range(3):
             loop._round()
         rounds.return_value = Collection(Inventory(Source.NVML, ()))
         loop._round()
     jobs = [call.args[1] for call in enqueue.call_args_list]
-    assert jobs.count("deployments.jobs.reconcile_job") == 4  # not only with the hourly compaction
+    # Not only with the hourly compaction:
+    assert jobs.count("deployments.runtime.jobs.reconcile_job") == 4
     assert jobs.count("gpus.jobs.compact_host_history") == 1
     messages = [record.getMessage() for record in caplog.records]
     assert messages == [

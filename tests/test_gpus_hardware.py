@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from gpus import agent
+from gpus import rounds
 from gpus.collectors import CollectorError, collect, read_nvml
 from gpus.inventory import fleet, policy
 from gpus.models import Host
@@ -126,7 +126,7 @@ def test_placement_refuses_the_gpu_a_foreign_process_fills(
 ) -> None:
     host = Host.objects.create(name="gpu-host")
     # No Docker client: every process is unattributed, so its memory counts as foreign.
-    collection = agent.collect_round(host, sources=(Source.NVML,), client=None)
+    collection = rounds.collect_round(host, sources=(Source.NVML,), client=None)
     assert collection.inventory is not None
     gpu = host.gpus.get(index=0)
     assert gpu.memory_foreign_mib >= HOLD_MIB

@@ -165,7 +165,7 @@ def test_a_pinned_docker_hub_image_matches_however_the_allow_list_spells_it(
     ``library/`` names the same image and must not be refused as another digest."""
     from unittest import mock
 
-    from deployments import host_checks
+    from deployments.runtime import host_checks
 
     digest = "sha256:" + "b" * 64
     local = mock.Mock(id="sha256:" + "c" * 64, attrs={"RepoDigests": [f"{repo_digest}@{digest}"]})

@@ -28,8 +28,8 @@ from rq import Queue
 import docker
 from accounts.models import Team, User
 from audit.models import AuditEvent
-from deployments import launcher
 from deployments.models import Deployment, EngineImage
+from deployments.runtime import launcher
 from deployments.states import State
 from models_registry.models import Model
 from models_registry.services import reinspect

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from deployments.engine_args import SchemaError, parse_engine_args
-from deployments.launch_spec import (
+from deployments.runtime.engine_args import SchemaError, parse_engine_args
+from deployments.runtime.launch_spec import (
     LaunchSpec,
     container_kwargs,
     docker_run_argv,
@@ -273,7 +273,7 @@ def test_load_flags_go_before_the_users_flags_and_users_cannot_set_them() -> Non
 
 @pytest.mark.django_db
 def test_a_launch_on_network_storage_gets_the_load_flags(team_a: Any, tmp_path: Path) -> None:
-    from deployments.launcher import build_spec
+    from deployments.runtime.launcher import build_spec
     from models_registry.models import StorageKind, StorageMount
     from tests.deployment_builders import deployment, host_with_gpus, registered_model
 
@@ -293,8 +293,8 @@ def test_the_cache_volume_survives_stop_and_restart_and_goes_with_delete(
 ) -> None:
     """vLLM's compile cache lives in the volume: a restarted generation finds what the last
     one wrote; only deleting the deployment removes it."""
-    from deployments import launcher
     from deployments.models import Deployment, EngineImage
+    from deployments.runtime import launcher
     from deployments.states import State
     from tests.deployment_builders import host_with_gpus, registered_model
     from tests.model_dirs import write_model

@@ -13,8 +13,8 @@ import pytest
 from django.conf import settings
 
 from accounts.models import Team
-from deployments import launcher
 from deployments.models import Deployment, EngineImage, GpuAllocation
+from deployments.runtime import launcher
 from deployments.states import State
 from tests.deployment_builders import host_with_gpus, registered_model, remove_engines
 from tests.model_dirs import write_model

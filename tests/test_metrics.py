@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rq import Queue, SimpleWorker
 
 from accounts.models import Team, User
-from audit.jobs import redis_connection
+from core.queues import redis_connection
 from deployments.models import Deployment
 from deployments.states import State
 from gpus.models import Gpu, HostStatus

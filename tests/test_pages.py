@@ -49,7 +49,7 @@ def test_healthz_reports_database_and_redis() -> None:
 
 
 def test_healthz_is_503_when_redis_is_down(settings) -> None:
-    from config import queues
+    from core import queues
 
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     queues.redis_connection.cache_clear()

@@ -15,7 +15,7 @@ from django.utils import timezone
 from accounts.models import User
 from deployments.models import Deployment
 from deployments.states import State
-from deployments.views import DEPLOYMENTS_PER_PAGE
+from deployments.web.views import DEPLOYMENTS_PER_PAGE
 from gpus import charts
 from gpus.history import chart_rows
 from gpus.models import GpuSnapshot

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from accounts.models import Team
 from deployments.models import GpuAllocation
-from deployments.placement import choose_gpus
+from deployments.runtime.placement import choose_gpus
 from gpus.models import HostStatus
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
 

@@ -41,26 +41,29 @@ from typing import Any
 
 import pytest
 
-from deployments.planner import (
+from deployments.planning import (
     GIB,
-    KV_BLOCK_SIZE,
-    MIN_HEALTH_START_PERIOD_S,
-    VLLM_DEFAULT_ENGINE_READY_TIMEOUT_S,
     PlannerError,
     PlanRequest,
     WeightsSummary,
+    model_from_config,
+    parameter_count_from_config,
+    plan,
+)
+from deployments.planning.memory import (
+    KV_BLOCK_SIZE,
     kv_bytes_for_sequence,
     kv_bytes_per_token,
     kv_bytes_per_token_per_layer,
-    model_from_config,
     model_weights,
-    parameter_count_from_config,
-    plan,
-    quantization_from_config,
-    startup_estimate,
-    tensor_parallel_problems,
-    valid_sizes,
     weight_groups,
+)
+from deployments.planning.options import tensor_parallel_problems, valid_sizes
+from deployments.planning.shapes import quantization_from_config
+from deployments.planning.startup import (
+    MIN_HEALTH_START_PERIOD_S,
+    VLLM_DEFAULT_ENGINE_READY_TIMEOUT_S,
+    startup_estimate,
 )
 
 CONFIGS = Path(__file__).parent / "fixtures" / "model_configs"
@@ -558,7 +561,7 @@ def test_plan_json_has_the_stable_shape() -> None:
 
 def test_planner_imports_without_django() -> None:
     code = (
-        "import sys; import deployments.planner; "
+        "import sys; import deployments.planning; "
         "sys.exit(any(name.startswith('django') for name in sys.modules))"
     )
 

@@ -19,8 +19,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from deployments.model_files import read_weights_summary
-from deployments.planner import model_from_config, parameter_count_from_config
+from deployments.planning import model_from_config, parameter_count_from_config
+from deployments.planning.model_files import read_weights_summary
 
 CONFIGS = Path(__file__).parent / "fixtures" / "model_configs"
 LLAMA_70B = CONFIGS / "llama-3.1-70b-instruct.json"

@@ -13,8 +13,8 @@ import pytest
 
 from audit.actions import Action
 from audit.models import AuditEvent
-from deployments import prewarm
 from deployments.models import DeploymentEvent
+from deployments.runtime import prewarm
 from models_registry.models import StorageKind, StorageMount
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
 
@@ -234,8 +234,8 @@ def test_a_launch_that_raises_unexpectedly_cancels_its_prewarm(
     exception after the prewarm started (a Docker API error, a database error) must cancel it
     too, or it reads the whole checkpoint for a launch that is not happening."""
     import docker
-    from deployments import host_checks, launcher
     from deployments.models import Deployment
+    from deployments.runtime import host_checks, launcher
     from deployments.states import State
 
     settings.BERTH_PREWARM = "on"

@@ -9,8 +9,8 @@ import pytest
 from django.db import connections
 
 from accounts.models import Team
-from deployments.allocation import QuotaExceeded, reserve
 from deployments.models import GpuAllocation
+from deployments.runtime.allocation import QuotaExceeded, reserve
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
 
 RACERS = 10

@@ -15,7 +15,7 @@ from django.utils import timezone
 from accounts.models import Team
 from audit.models import AuditEvent
 from deployments.models import GpuAllocation
-from deployments.reconcile import reconcile_host
+from deployments.runtime.reconcile import reconcile_host
 from deployments.states import State
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
 
@@ -93,8 +93,8 @@ def test_a_launch_whose_worker_died_runs_again_and_adopts_its_container(
 ) -> None:
     """The worker died after creating the container: reconcile finds the launch job gone,
     enqueues it again, and the rerun adopts the container (still one)."""
-    from deployments import launcher
     from deployments.models import Deployment, EngineImage
+    from deployments.runtime import launcher
     from tests.conftest import run_manage, subprocess_env
     from tests.model_dirs import write_model
 
@@ -150,8 +150,8 @@ def test_a_launch_requested_while_redis_was_down_is_enqueued_by_reconcile(
     settings: Any,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
-    from audit import jobs
-    from audit.jobs import get_queue
+    from core import queues
+    from core.queues import get_queue
     from deployments.models import Deployment
     from deployments.services import DeployRequest, request_deployment
     from tests.deployment_builders import engine_image as vllm_image
@@ -165,7 +165,7 @@ def test_a_launch_requested_while_redis_was_down_is_enqueued_by_reconcile(
     image.save()
     working_url = settings.REDIS_URL
     settings.REDIS_URL = "redis://127.0.0.1:1/0"  # Redis is down
-    jobs.redis_connection.cache_clear()
+    queues.redis_connection.cache_clear()
     try:
         with django_capture_on_commit_callbacks(execute=True):
             record = request_deployment(
@@ -176,7 +176,7 @@ def test_a_launch_requested_while_redis_was_down_is_enqueued_by_reconcile(
             )
     finally:
         settings.REDIS_URL = working_url
-        jobs.redis_connection.cache_clear()
+        queues.redis_connection.cache_clear()
     assert Deployment.objects.get(pk=record.pk).state == State.QUEUED  # committed, job not sent
     queue = get_queue(host.queue_name)
     queue.empty()

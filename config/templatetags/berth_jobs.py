@@ -17,8 +17,8 @@ from redis.exceptions import RedisError
 from rq.job import Job
 
 from audit.actions import Action
-from audit.jobs import get_queue, redis_connection
 from audit.models import AuditEvent
+from core.queues import get_queue, redis_connection
 
 register = template.Library()
 

@@ -25,7 +25,11 @@ from accounts.models import Role, Team, User
 from accounts.services import GENERATED_PASSWORD_BYTES, add_member, create_team, create_user
 from audit.actions import Action
 from deployments.models import EngineImage
-from deployments.stand_in import StandInUnavailable, build_engine_image, engine_health_command
+from deployments.runtime.stand_in import (
+    StandInUnavailable,
+    build_engine_image,
+    engine_health_command,
+)
 from gpus.hosts import local_host_name, register_host
 from gpus.models import Host
 from models_registry.models import StorageMount

@@ -26,7 +26,7 @@ from config.processes import (
     redis_reachable,
     wait_until,
 )
-from config.queues import DEFAULT_QUEUE
+from core.queues import DEFAULT_QUEUE
 
 REDIS_START_DEADLINE_S = 15.0
 WEB_START_DEADLINE_S = 60.0

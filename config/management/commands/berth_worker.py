@@ -1,7 +1,7 @@
 """``manage.py berth_worker [QUEUE ...]``: an RQ worker whose jobs run under their audit context.
 
 Unlike django-rq's ``rqworker`` it accepts any queue name (host queues ``host:<name>`` are made
-at run time) and always uses :class:`audit.jobs.ContextJob`.
+at run time) and always uses :class:`core.queues.ContextJob`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from django.db import connections
 from redis.exceptions import RedisError
 from rq import SimpleWorker, Worker
 
-from audit.jobs import ContextJob, schedule_verification
-from config.queues import DEFAULT_QUEUE, get_queue, redis_connection
+from audit.jobs import schedule_verification
+from core.queues import DEFAULT_QUEUE, ContextJob, get_queue, redis_connection
 
 
 class Command(BaseCommand):

@@ -13,7 +13,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from deployments.diagnostics import diagnose
+from deployments.runtime.diagnostics import diagnose
 
 
 class Command(BaseCommand):

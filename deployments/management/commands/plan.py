@@ -13,8 +13,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from deployments.model_files import read_config, read_weights_summary
-from deployments.planner import (
+from deployments.planning import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     DEFAULT_READ_BYTES_PER_SECOND,
     GIB,
@@ -23,6 +22,7 @@ from deployments.planner import (
     PlanRequest,
     plan,
 )
+from deployments.planning.model_files import read_config, read_weights_summary
 
 
 class Command(BaseCommand):

@@ -20,12 +20,12 @@ from accounts.access import get_visible_or_404, role_required, visible_teams
 from accounts.models import Role
 from audit.actions import Action, Outcome
 from deployments import services
-from deployments.engine_args import SchemaError, parse_engine_args
-from deployments.forms import DeployForm
-from deployments.launch_spec import docker_run_line
 from deployments.models import Deployment
+from deployments.runtime.engine_args import SchemaError, parse_engine_args
+from deployments.runtime.launch_spec import docker_run_line
 from deployments.states import ACTIVE, State
-from deployments.stream import sse_events
+from deployments.web.forms import DeployForm
+from deployments.web.stream import sse_events
 
 DEPLOYMENTS_PER_PAGE = 50
 SEGMENT_CLASSES = {
@@ -258,8 +258,8 @@ def _memory_bar(gpu: Any) -> dict:
 
 
 def _run_line(deployment: Deployment, gpus: list) -> str:
-    from deployments.launch_spec import container_kwargs
-    from deployments.launcher import build_spec
+    from deployments.runtime.launch_spec import container_kwargs
+    from deployments.runtime.launcher import build_spec
 
     try:
         spec = build_spec(deployment, gpus, deployment.host_port or 0)

@@ -13,7 +13,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
-from audit import context
+from core import context
 
 REQUEST_ID_HEADER = "X-Request-ID"
 access_log = logging.getLogger("berth.access")

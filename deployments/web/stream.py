@@ -1,48 +1,23 @@
 """Pushing deployment changes to open pages: Redis pub/sub in, Server-Sent Events out.
 
-Writers call :func:`publish` after their transaction commits; the async view subscribes, first
-sends the current state (pub/sub keeps nothing for late subscribers), then one event per change,
-with a keepalive comment every ``KEEPALIVE_S`` so proxies keep the connection open.
+Writers call :func:`deployments.changes.publish` after their transaction commits; the async
+view subscribes, first sends the current state (pub/sub keeps nothing for late subscribers), then
+one event per change, with a keepalive comment every ``KEEPALIVE_S`` so proxies keep the
+connection open.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio
 from django.conf import settings
-from django.db import transaction
-from redis.exceptions import RedisError
 
-from audit.jobs import redis_connection
+from deployments.changes import channel
 
-logger = logging.getLogger(__name__)
 KEEPALIVE_S = 15.0
-
-
-def channel(deployment_pk: int) -> str:
-    """Pub/sub channels are server-wide (no database number applies), so the name carries the
-    instance: two consoles — or a test run and a console — on one Redis never cross."""
-    return f"berth:{settings.BERTH_INSTANCE}:deployment:{deployment_pk}"
-
-
-def publish(deployment_pk: int, kind: str = "changed") -> None:
-    """Tell open pages that the deployment changed, once the current transaction commits. A
-    Redis hiccup loses only a push: pages also poll."""
-
-    def send() -> None:
-        try:
-            message = json.dumps({"kind": kind, "id": uuid.uuid4().hex})
-            redis_connection().publish(channel(deployment_pk), message)
-        except RedisError as exc:
-            logger.warning("could not publish deployment %s change: %s", deployment_pk, exc)
-
-    transaction.on_commit(send)
 
 
 async def sse_events(

@@ -14,9 +14,9 @@ from django.conf import settings
 from rq import get_current_job
 
 import docker
-from audit.jobs import enqueue, get_queue
-from deployments import launcher
+from core.queues import enqueue, get_queue
 from deployments.models import Deployment
+from deployments.runtime import launcher
 from deployments.states import State
 
 LAUNCH_TIMEOUT_S = 900  # creating and starting a container; the load itself is watched
@@ -28,7 +28,7 @@ def _enqueue_for(deployment: Deployment, kind: str, timeout_s: int) -> str:
     commit), under the id reconcile looks for: ``<kind>-<pk>-<generation>``."""
     return enqueue(
         get_queue(deployment.host.queue_name),
-        f"deployments.jobs.{kind}_job",
+        f"deployments.runtime.jobs.{kind}_job",
         deployment.pk,
         deployment.generation,
         job_id=f"{kind}-{deployment.pk}-{deployment.generation}",
@@ -82,7 +82,7 @@ def stop_job(deployment_pk: int, generation: int) -> str:
 
 def gc_job(host_pk: int) -> dict:
     """Garbage-collect one host's Docker engine, keeping what live deployments use."""
-    from deployments.gc import collect
+    from deployments.runtime.gc import collect
     from gpus.models import Host
 
     host = Host.objects.get(pk=host_pk)
@@ -100,7 +100,7 @@ def reconcile_job(host_pk: int) -> dict:
     """Reconcile one host's containers with the records (on agent start and on a schedule)."""
     from dataclasses import asdict
 
-    from deployments.reconcile import reconcile_host
+    from deployments.runtime.reconcile import reconcile_host
     from gpus.models import Host
 
     host = Host.objects.get(pk=host_pk)
@@ -124,7 +124,7 @@ def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:
     delay = settings.BERTH_MONITOR_INTERVAL_S if delay_s is None else delay_s
     queue.enqueue_in(
         timedelta(seconds=delay),
-        "deployments.jobs.watch_job",
+        "deployments.runtime.jobs.watch_job",
         deployment.pk,
         deployment.generation,
         job_id=f"watch-{deployment.pk}-{deployment.generation}",

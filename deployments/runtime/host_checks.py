@@ -17,7 +17,7 @@ from typing import Any
 import audit
 import docker
 from audit.actions import Action, Outcome
-from deployments.diagnostics import Finding
+from deployments.runtime.diagnostics import Finding
 
 
 class Refused(Exception):

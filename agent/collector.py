@@ -2,7 +2,7 @@
 
 ``manage.py berth_agent --host gpu-01`` runs :class:`CollectorLoop` in a thread and the worker
 in the main thread (RQ installs its signal handlers there); ``--once`` runs
-:func:`collect_round` and exits.
+:func:`gpus.rounds.collect_round` and exits.
 """
 
 from __future__ import annotations
@@ -10,82 +10,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
-from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from audit import jobs as audit_jobs
-from audit.jobs import get_queue
-from gpus.attribution import attribute
-from gpus.collectors import collect, docker_client, nvidia_runtime_available
-from gpus.inventory import heartbeat, store_collection
+from core import queues
+from core.queues import get_queue
+from gpus.inventory import heartbeat
 from gpus.models import Host
-from gpus.readings import Collection, Source, SourceFailure
+from gpus.readings import Collection, Source
+from gpus.rounds import collect_round
 
 log = logging.getLogger(__name__)
 
 COMPACT_EVERY_S = 3600
-ATTRIBUTION = "docker-attribution"
-
-
-def collect_round(
-    host: Host, *, sources: tuple[str, ...] = Source.ORDER, client: Any = None
-) -> Collection:
-    """Collect once, attribute processes to containers, store; ``host`` is refreshed."""
-    client, client_error = _client(host, client)
-    collection = collect(host.docker_endpoint, sources=sources, client=client)
-    if client_error and Source.DOCKER_SMI in sources:
-        collection = _replace_failure(collection, Source.DOCKER_SMI, client_error)
-    collection = _attributed(collection, client, client_error)
-    runtime = None
-    if client is not None:
-        try:
-            runtime = nvidia_runtime_available(client)
-        except Exception as exc:  # an engine that answers ping but not info
-            log.warning("docker info failed on %s: %s", host.name, exc)
-    store_collection(host, collection, nvidia_runtime=runtime)
-    host.refresh_from_db()
-    return collection
-
-
-def _client(host: Host, client: Any) -> tuple[Any, str]:
-    if client is not None:
-        return client, ""
-    made = None
-    try:
-        made = docker_client(host.docker_endpoint)
-        made.ping()
-    except Exception as exc:  # docker raises several unrelated types when the engine is absent
-        if made is not None:
-            made.close()  # the failed ping's connection pool would otherwise leak a socket
-        endpoint = host.docker_endpoint or "the local engine"
-        return None, f"Docker is not reachable at {endpoint}: {exc}"[:500]
-    return made, ""
-
-
-def _replace_failure(collection: Collection, source: str, error: str) -> Collection:
-    failures = tuple(
-        SourceFailure(source, error) if failure.source == source else failure
-        for failure in collection.failures
-    )
-    return replace(collection, failures=failures)
-
-
-def _attributed(collection: Collection, client: Any, client_error: str) -> Collection:
-    """Map GPU processes to containers. Without Docker every process stays unattributed, so
-    all of its memory counts as foreign: the safe side for placement."""
-    if collection.inventory is None or not any(g.processes for g in collection.inventory.gpus):
-        return collection
-    if client is None:
-        note = SourceFailure(ATTRIBUTION, client_error)
-        return replace(collection, failures=(*collection.failures, note))
-    try:
-        return replace(collection, inventory=attribute(collection.inventory, client))
-    except Exception as exc:  # attribution is best effort; the reading itself stands
-        note = SourceFailure(ATTRIBUTION, f"{type(exc).__name__}: {exc}"[:500])
-        return replace(collection, failures=(*collection.failures, note))
 
 
 class CollectorLoop(threading.Thread):
@@ -168,7 +106,7 @@ class CollectorLoop(threading.Thread):
         if time.monotonic() < self._next_compaction:
             return
         self._next_compaction = time.monotonic() + COMPACT_EVERY_S
-        audit_jobs.enqueue(
+        queues.enqueue(
             get_queue(self.host.queue_name), "gpus.jobs.compact_host_history", self.host.pk
         )
 
@@ -177,8 +115,8 @@ class CollectorLoop(threading.Thread):
         if time.monotonic() < self._next_reconcile:
             return
         self._next_reconcile = time.monotonic() + settings.BERTH_RECONCILE_INTERVAL_S
-        audit_jobs.enqueue(
-            get_queue(self.host.queue_name), "deployments.jobs.reconcile_job", self.host.pk
+        queues.enqueue(
+            get_queue(self.host.queue_name), "deployments.runtime.jobs.reconcile_job", self.host.pk
         )
 
     def _maybe_collect_garbage(self) -> None:
@@ -193,4 +131,6 @@ class CollectorLoop(threading.Thread):
         if time.monotonic() < self._next_gc:
             return
         self._next_gc = time.monotonic() + interval_s
-        audit_jobs.enqueue(get_queue(self.host.queue_name), "deployments.jobs.gc_job", self.host.pk)
+        queues.enqueue(
+            get_queue(self.host.queue_name), "deployments.runtime.jobs.gc_job", self.host.pk
+        )

@@ -22,9 +22,9 @@ from django.utils.dateparse import parse_datetime
 
 import audit
 from audit.actions import Action
-from deployments import allocation
-from deployments.launcher import fail
 from deployments.models import Deployment, GpuAllocation
+from deployments.runtime import allocation
+from deployments.runtime.launcher import fail
 from deployments.states import ACTIVE, State
 
 GRACE = timedelta(minutes=2)  # a launch job may be between "create" and "record the id"
@@ -116,8 +116,8 @@ def _resume_lost_jobs(host: Any, now: datetime) -> list[str]:
     """Re-enqueue the job a deployment waits for when it is gone from Redis (its worker was
     killed, or Redis lost it): the launch adopts the container it may already have created, the
     watcher picks up where the log cursor stands."""
-    from audit.jobs import get_queue
-    from deployments.jobs import book_watch, enqueue_launch, enqueue_stop
+    from core.queues import get_queue
+    from deployments.runtime.jobs import book_watch, enqueue_launch, enqueue_stop
 
     resume = {
         "launch": enqueue_launch,

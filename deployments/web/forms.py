@@ -9,8 +9,8 @@ from django import forms
 
 from accounts.access import visible_teams
 from accounts.models import slug_validator
-from deployments.engine_args import DTYPES, KV_CACHE_DTYPES
 from deployments.models import EngineImage
+from deployments.runtime.engine_args import DTYPES, KV_CACHE_DTYPES
 from models_registry.models import Model, ModelStatus
 
 MAX_ENV_LINES = 32

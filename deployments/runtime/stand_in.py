@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-ENGINE_DIR = Path(__file__).resolve().parent.parent / "docker" / "test-engine"
+ENGINE_DIR = Path(__file__).resolve().parents[2] / "docker" / "test-engine"
 ENGINE_FILES = {"Dockerfile": 0o644, "vllm": 0o755, "http.sh": 0o755, "curl": 0o755}
 ENGINE_PORT = 8000  # the port the engine listens on inside its container, as vLLM's default
 ENGINE_REPOSITORY = "berth-test/engine"

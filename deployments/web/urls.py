@@ -1,6 +1,6 @@
 from django.urls import path
 
-from deployments import api, views
+from deployments.web import api, views
 
 urlpatterns = [
     path("", views.deployment_list, name="deployments-index"),

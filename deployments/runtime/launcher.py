@@ -26,15 +26,20 @@ from django.utils import timezone
 import audit
 import docker
 from audit.actions import Action
-from deployments import allocation, host_checks
-from deployments.diagnostics import Finding, diagnose
-from deployments.engine_args import SchemaError
-from deployments.launch_spec import LaunchSpec, container_kwargs, engine_version, load_strategy
+from deployments.changes import publish
 from deployments.models import Deployment, DeploymentEvent, EventKind
-from deployments.prewarm import cancel as cancel_prewarm
-from deployments.prewarm import start as start_prewarm
+from deployments.runtime import allocation, host_checks
+from deployments.runtime.diagnostics import Finding, diagnose
+from deployments.runtime.engine_args import SchemaError
+from deployments.runtime.launch_spec import (
+    LaunchSpec,
+    container_kwargs,
+    engine_version,
+    load_strategy,
+)
+from deployments.runtime.prewarm import cancel as cancel_prewarm
+from deployments.runtime.prewarm import start as start_prewarm
 from deployments.states import State
-from deployments.stream import publish
 from models_registry.inspection import inspect_directory
 
 LOG_TAIL_LINES = 200
@@ -138,7 +143,7 @@ def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
     if held or deployment.gpu_count == 0:
         return sorted(held, key=lambda gpu: gpu.index)
     if not gpus:
-        from deployments.placement import choose_gpus
+        from deployments.runtime.placement import choose_gpus
 
         gpus, why_not = choose_gpus(deployment)
         if not gpus:
@@ -202,7 +207,7 @@ def _port(deployment: Deployment, taken: set[int] = frozenset()) -> int:
 
 def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> LaunchSpec:
     """The launch spec from the deployment's validated fields and its plan."""
-    from deployments.engine_args import parse_engine_args, parse_environment
+    from deployments.runtime.engine_args import parse_engine_args, parse_environment
 
     where = deployment.model.translation()
     # Checked again here: an approval revoked after the request stops the launch.

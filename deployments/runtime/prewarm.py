@@ -424,8 +424,8 @@ def _progress(deployment: Any, generation: int, progress: Progress, caller: Any)
 
 
 def _event(deployment: Any, generation: int, message: str, data: dict) -> None:
+    from deployments.changes import publish
     from deployments.models import DeploymentEvent, EventKind
-    from deployments.stream import publish
 
     DeploymentEvent.objects.create(
         deployment=deployment, generation=generation, kind=EventKind.PROGRESS, message=message,

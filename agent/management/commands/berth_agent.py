@@ -15,8 +15,8 @@ from django.db import connections
 from redis.exceptions import RedisError
 from rq import SimpleWorker
 
-from audit.jobs import ContextJob, get_queue, redis_connection
-from gpus.agent import CollectorLoop, collect_round
+from agent.collector import CollectorLoop, collect_round
+from core.queues import ContextJob, get_queue, redis_connection
 from gpus.models import Host
 from gpus.readings import Source
 

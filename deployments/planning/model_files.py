@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deployments.planner import PlannerError, WeightsSummary
+from deployments.planning.request import PlannerError, WeightsSummary
 from models_registry.inspection import inspect_directory
 
 # config.json larger than this is not a model config.
