@@ -41,7 +41,9 @@ def _client(user: User | None) -> Client:
 
 
 def _seqs(html: str) -> list[int]:
-    return [int(seq) for seq in re.findall(r'<td><a href="/audit/events/(\d+)/">', html)]
+    return [
+        int(seq) for seq in re.findall(r'<td data-label="#"><a href="/audit/events/(\d+)/">', html)
+    ]
 
 
 @pytest.fixture
@@ -192,7 +194,7 @@ def test_event_detail_caps_related_events_and_links_to_the_rest(carol: User) -> 
     client = _client(carol)
     with CaptureQueriesContext(connection) as queries:
         html = client.get(f"/audit/events/{first.seq}/").content.decode()
-    assert html.count('<td><a href="/audit/events/') == views.RELATED_LIMIT - 1
+    assert html.count('<td data-label="#"><a href="/audit/events/') == views.RELATED_LIMIT - 1
     assert "/audit/?request=busy" in html
     assert 3 <= len(queries) <= 6
 

@@ -84,7 +84,8 @@ def test_unavailable_host_shows_each_source_error_and_no_gpus(alice: User) -> No
     assert "inventory unavailable" in html
     assert "NVML Shared Library Not Found" in html
     assert "could not select device driver" in html
-    assert "No GPUs can be listed" in html
+    assert "No GPUs can be listed: every source failed (see the errors above)." in html
+    assert html.index("could not select device driver") < html.index("No GPUs can be listed")
 
 
 def test_gpu_page_draws_history_charts(alice: User, busy_host: Host) -> None:

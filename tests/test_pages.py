@@ -71,7 +71,7 @@ def test_audit_review_filters_and_pages_with_bounded_queries(
     with django_assert_max_num_queries(6):
         first = client.get("/audit/")
     html = first.content.decode()
-    assert html.count('<tr>\n      <td><a href="/audit/events/') == 50
+    assert html.count('<tr>\n      <td data-label="#"><a href="/audit/events/') == 50
     newest, oldest_shown = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[
         0:50:49
     ]
