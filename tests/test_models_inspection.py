@@ -265,7 +265,7 @@ def test_inspect_model_cli_prints_the_stable_json_shape(model: Path) -> None:
     }
 
 
-def test_inspect_model_cli_reports_findings_and_still_exits_zero(tmp_path: Path) -> None:
+def test_inspect_model_cli_reports_findings_in_the_stable_json_shape(tmp_path: Path) -> None:
     out = StringIO()
     call_command("inspect_model", str(tmp_path), "--json", stdout=out)
     result = json.loads(out.getvalue())

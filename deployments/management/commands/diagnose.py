@@ -3,17 +3,24 @@
 The JSON shape is stable (checks outside the test suite rely on it)::
 
     {"findings": [{"code", "title", "remedy", "line_number", "line"}]}   # root cause first
+
+Exit status, as linters do: 0 no failure found (the one finding is ``none``), 1 a failure was
+found, 2 a usage error (bad arguments, a log file that cannot be read).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from deployments.runtime.diagnostics import diagnose
+from deployments.runtime.diagnostics import NONE, diagnose
+
+EXIT_FOUND = 1
+EXIT_USAGE = 2  # argparse's own status for bad arguments
 
 
 class Command(BaseCommand):
@@ -24,14 +31,21 @@ class Command(BaseCommand):
         parser.add_argument("--exit-code", type=int, help="the container's exit code, if known")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
+    found = False
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        super().run_from_argv(argv)
+        if self.found:
+            sys.exit(EXIT_FOUND)
+
     def handle(self, *args: Any, logfile: str, exit_code: int | None, **options: Any) -> None:
         try:
-            text = (
-                self.stdin.read() if logfile == "-" else Path(logfile).read_text(errors="replace")
-            )
+            text = sys.stdin.read() if logfile == "-" else Path(logfile).read_text(errors="replace")
         except OSError as exc:
-            raise CommandError(f"cannot read {logfile}: {exc.strerror}") from None
+            message = f"cannot read {logfile}: {exc.strerror}"
+            raise CommandError(message, returncode=EXIT_USAGE) from None
         findings = diagnose(text, exit_code=exit_code)
+        self.found = findings[0].code != NONE.code
         if options["json"]:
             self.stdout.write(json.dumps({"findings": [finding.as_json() for finding in findings]}))
             return
@@ -41,9 +55,3 @@ class Command(BaseCommand):
             if finding.line:
                 self.stdout.write(f"  {where}{finding.line}")
             self.stdout.write(f"  fix: {finding.remedy}")
-
-    @property
-    def stdin(self) -> Any:
-        import sys
-
-        return sys.stdin

@@ -3,11 +3,15 @@
 Used by checks outside the test suite, so the flags and the ``--json`` shape are stable::
 
     manage.py plan --config config.json --gpu-memory-gib 40 --gpus 4 --max-model-len 8192 --json
+
+Exit status, as linters do: 0 the model fits, 1 it does not fit (the plan is still printed),
+2 a usage error (bad arguments, a config that cannot be read or planned).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +21,16 @@ from deployments.planning import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
     DEFAULT_READ_BYTES_PER_SECOND,
     GIB,
+    GpuMemory,
     Plan,
     PlannerError,
     PlanRequest,
     plan,
 )
 from deployments.planning.model_files import read_config, read_weights_summary
+
+EXIT_DOES_NOT_FIT = 1
+EXIT_USAGE = 2  # argparse's own status for bad arguments
 
 
 class Command(BaseCommand):
@@ -77,12 +85,20 @@ class Command(BaseCommand):
         )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    does_not_fit = False
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        super().run_from_argv(argv)
+        if self.does_not_fit:
+            sys.exit(EXIT_DOES_NOT_FIT)
+
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             config, summary = _read_model(options["model_dir"], options["config"])
             result = plan(config, _request(options), summary)
         except PlannerError as exc:
-            raise CommandError(str(exc)) from exc
+            raise CommandError(str(exc), returncode=EXIT_USAGE) from exc
+        self.does_not_fit = not result.fits
         if options["json"]:
             self.stdout.write(json.dumps(result.as_json(), indent=2))
         else:
@@ -93,7 +109,7 @@ def _read_model(model_dir: Path | None, config_path: Path | None) -> tuple[dict,
     if model_dir is not None:
         return read_config(model_dir / "config.json"), read_weights_summary(model_dir)
     if config_path is None:
-        raise CommandError("give --model-dir DIR or --config FILE")
+        raise CommandError("give --model-dir DIR or --config FILE", returncode=EXIT_USAGE)
     return read_config(config_path), None
 
 
@@ -120,6 +136,43 @@ def gib(size: float) -> str:
     return f"{size / GIB:.1f} GiB"
 
 
+def tenths_adding_up(total: int, parts: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """``total`` and ``parts`` (bytes, parts summing to total) in tenths of a GiB, rounded so
+    that the printed parts add up to the printed total: each part is floored, and the tenths
+    still missing go to the parts with the largest remainders (each stays within 0.1 GiB)."""
+    tenth = GIB / 10
+    shown_total = round(total / tenth)
+    floors = [int(part // tenth) for part in parts]
+    by_remainder = sorted(
+        range(len(parts)), key=lambda i: parts[i] / tenth - floors[i], reverse=True
+    )
+    for index in by_remainder[: max(0, shown_total - sum(floors))]:
+        floors[index] += 1
+    return shown_total, tuple(floors)
+
+
+def budget_equation(memory: GpuMemory) -> str:
+    """One GPU's budget as an equation that holds in the printed figures: what it holds when
+    weights and overhead fit, or by how much they exceed it."""
+    if memory.shortfall_bytes == 0:
+        total, (weights, overhead, kv) = tenths_adding_up(
+            memory.budget_bytes,
+            (memory.weights_bytes, memory.overhead_bytes, memory.kv_cache_bytes),
+        )
+        return (
+            f"budget {total / 10:.1f} GiB = weights {weights / 10:.1f} + overhead "
+            f"{overhead / 10:.1f} + KV cache {kv / 10:.1f} GiB"
+        )
+    need = memory.weights_bytes + memory.overhead_bytes
+    _, (weights, overhead) = tenths_adding_up(need, (memory.weights_bytes, memory.overhead_bytes))
+    total, (budget, short) = tenths_adding_up(need, (memory.budget_bytes, memory.shortfall_bytes))
+    return (
+        f"weights {weights / 10:.1f} + overhead {overhead / 10:.1f} = {total / 10:.1f} GiB "
+        f"> budget {budget / 10:.1f} GiB (short by {short / 10:.1f} GiB): no memory left for "
+        "the KV cache"
+    )
+
+
 def _text(result: Plan) -> str:
     """A plain-text plan for people at a terminal."""
     lines = [
@@ -133,12 +186,8 @@ def _text(result: Plan) -> str:
         f"{result.max_model_len_supported})",
     ]
     if result.per_gpu:
-        memory = result.per_gpu
-        lines.append(
-            f"per GPU at TP {result.per_gpu_tensor_parallel_size}: budget "
-            f"{gib(memory.budget_bytes)} = weights {gib(memory.weights_bytes)} + overhead "
-            f"{gib(memory.overhead_bytes)} + KV cache {gib(memory.kv_cache_bytes)}"
-        )
+        tp = result.per_gpu_tensor_parallel_size
+        lines.append(f"per GPU at TP {tp}: {budget_equation(result.per_gpu)}")
     lines += [f"  - {reason}" for reason in result.reasons]
     lines += [f"suggestion: {suggestion.message}" for suggestion in result.suggestions]
     startup = result.startup

@@ -1,7 +1,8 @@
 """``manage.py inspect_model PATH [--json]``: inspect any readable directory (no mount needed).
 
-Exit status is 0 even when the model has findings; only usage errors are non-zero. The JSON
-shape is stable (checks outside the test suite rely on it)::
+Exit status, as linters do: 0 deployable, 1 not deployable (a finding of severity error; a path
+that does not exist is one), 2 a usage error (bad arguments). ``--strict`` makes warnings exit 1
+too. The JSON shape is stable (checks outside the test suite rely on it)::
 
     {"path", "architecture", "model_type", "parameter_count", "weights_bytes",
      "dtypes": {"BF16": bytes, ...}, "tokenizer": {"kind", "files"},
@@ -11,12 +12,15 @@ shape is stable (checks outside the test suite rely on it)::
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand
 
 from models_registry.inspection import inspect_directory
+
+EXIT_FINDING = 1
 
 
 class Command(BaseCommand):
@@ -25,9 +29,20 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("path", help="the model directory")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.add_argument(
+            "--strict", action="store_true", help="exit 1 on warnings too, not only on errors"
+        )
 
-    def handle(self, *args: Any, path: str, json: bool, **options: Any) -> None:
+    found = False
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        super().run_from_argv(argv)
+        if self.found:
+            sys.exit(EXIT_FINDING)
+
+    def handle(self, *args: Any, path: str, json: bool, strict: bool, **options: Any) -> None:
         report = inspect_directory(Path(path), display_path=path)
+        self.found = not report.ok or (strict and bool(report.findings))
         if json:
             self.stdout.write(_dumps(report.as_json()))
             return
