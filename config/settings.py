@@ -213,8 +213,9 @@ CSRF_COOKIE_SAMESITE = "Lax"
 BERTH_TRUSTED_PROXIES = env_int("BERTH_TRUSTED_PROXIES", default=0, minimum=0, maximum=10)
 if BERTH_TRUSTED_PROXIES:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-    AXES_IPWARE_PROXY_COUNT = BERTH_TRUSTED_PROXIES
-    AXES_IPWARE_META_PRECEDENCE_ORDER = ("HTTP_X_FORWARDED_FOR", "REMOTE_ADDR")
+# Sign-in throttling counts failures per the address Berth itself derives (the one the audit
+# trail records); axes' own AXES_IPWARE_* settings need django-ipware, which Berth does not use.
+AXES_CLIENT_IP_CALLABLE = "audit.middleware.client_ip_for"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"

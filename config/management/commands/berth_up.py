@@ -33,6 +33,30 @@ WEB_START_DEADLINE_S = 60.0
 HEALTH_TIMEOUT_S = 2.0
 
 
+def web_command(bind: str, port: int) -> list[str]:
+    """uvicorn's arguments (after the interpreter) as ``berth_up`` runs the web server.
+
+    ``--no-proxy-headers``: uvicorn otherwise trusts ``X-Forwarded-For`` from loopback and
+    rewrites the client address before Django sees it, so anyone on the machine (or a request
+    relayed through it) could pick the address that sign-in throttling and the audit trail
+    record. Berth reads the header itself, once, as ``BERTH_TRUSTED_PROXIES`` says
+    (``audit.middleware.client_ip_for``)."""
+    return [
+        "-m",
+        "uvicorn",
+        "config.asgi:application",
+        "--host",
+        bind,
+        "--port",
+        str(port),
+        "--lifespan",
+        "off",
+        "--no-access-log",
+        "--no-server-header",
+        "--no-proxy-headers",
+    ]
+
+
 class Stop(Exception):
     """Raised from the signal handler to leave the supervision loop."""
 
@@ -104,23 +128,7 @@ class Command(BaseCommand):
                 cwd=base_dir,
             )
         web = supervisor.start(
-            "web",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "config.asgi:application",
-                "--host",
-                bind,
-                "--port",
-                str(port),
-                "--lifespan",
-                "off",
-                "--no-access-log",
-                "--no-server-header",
-            ],
-            env=env,
-            cwd=base_dir,
+            "web", [sys.executable, *web_command(bind, port)], env=env, cwd=base_dir
         )
         host = f"[{bind}]" if ":" in bind else bind
         url = f"http://{host}:{port}/"
