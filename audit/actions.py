@@ -32,6 +32,7 @@ class Action(models.TextChoices):
     MODEL_REMOTE_CODE_APPROVED = "model.remote_code_approved", "Remote code approved"
     MODEL_REMOTE_CODE_REVOKED = "model.remote_code_revoked", "Remote-code approval revoked"
     MODELS_SYNCED = "models.synced", "Storage mount synced"
+    MODEL_SYNC_FAILED = "model.sync_failed", "A directory could not be synced"
     MODELS_SYNC_REQUESTED = "models.sync_requested", "Storage sync requested"
     STORAGE_MOUNT_SAVED = "storage.mount_saved", "Storage mount saved"
     HOST_REGISTERED = "host.registered", "Host registered"

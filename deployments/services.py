@@ -115,15 +115,25 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
     return deployment
 
 
-def record_denied(user: Any, exc: Exception, *, team: Team | None = None, name: Any = "") -> None:
-    """Audit a refused launch request (``denied``) with the reason each field was refused."""
+def record_denied(
+    user: Any,
+    exc: Exception,
+    *,
+    team: Team | None = None,
+    name: Any = "",
+    attempted: dict[str, str] | None = None,
+) -> None:
+    """Audit a refused launch request (``denied``) with the reason each field was refused and,
+    where the request never became a ``DeployRequest``, what it asked for (``attempted``)."""
+    extra = {"attempted": attempted} if attempted else {}
     audit.record(
         Action.DEPLOYMENT_LAUNCH_REQUESTED,
         outcome=Outcome.DENIED,
         team=team,
         actor=user,
-        name=str(name)[:64],
+        name=str(name or (attempted or {}).get("name", ""))[:64],
         reason=denial_reason(exc)[:2000],
+        **extra,
     )
 
 

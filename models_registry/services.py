@@ -73,6 +73,7 @@ def register(user: Any, team: Team, raw_path: object) -> Model:
             team=team,
             target=Target("path", str(raw_path)[:64], str(raw_path)[:200]),
             reason=denial_reason(exc),
+            attempted={"team": team.slug, "path": str(raw_path)[:200]},
         )
         raise
     report = inspect_translation(translation, mount)

@@ -44,6 +44,7 @@ class SyncResult:
     unchanged: int = 0
     missing: int = 0
     unowned: list[str] = field(default_factory=list)  # directories outside any team's folder
+    failed: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"} per directory
     seconds: float = 0.0
 
     @property
@@ -74,9 +75,13 @@ def sync_mount(mount: StorageMount) -> SyncResult:
     teams = {team.slug: team for team in Team.objects.all()}
     seen: set[str] = set()
     for directory in discover(root):
-        translation = paths.translate(_canonical(mount, root, directory), mount.as_mount())
-        seen.add(translation.canonical)
-        _sync_one(mount, translation, directory, known.get(translation.canonical), teams, result)
+        try:
+            translation = paths.translate(_canonical(mount, root, directory), mount.as_mount())
+            seen.add(translation.canonical)
+            model = known.get(translation.canonical)
+            _sync_one(mount, translation, directory, model, teams, result)
+        except Exception as exc:  # one member's directory must not stop the shared mount's sync
+            _record_failure(mount, directory, exc, result)
     for path, model in known.items():
         if path not in seen and model.status != ModelStatus.MISSING:
             _mark_missing(model, result)
@@ -84,6 +89,23 @@ def sync_mount(mount: StorageMount) -> SyncResult:
     result.seconds = round(time.perf_counter() - started, 3)
     audit.record(Action.MODELS_SYNCED, target=mount, team=mount.team, **asdict(result))
     return result
+
+
+def _record_failure(
+    mount: StorageMount, directory: Path, exc: Exception, result: SyncResult
+) -> None:
+    """Audit a directory the sync could not take in (its name cannot be a canonical path, it
+    cannot be read...) and go on with the others."""
+    error = f"{type(exc).__name__}: {exc}"[:500]
+    result.failed.append({"path": str(directory), "error": error})
+    audit.record(
+        Action.MODEL_SYNC_FAILED,
+        outcome=Outcome.FAILED,
+        target=mount,
+        team=mount.team,
+        path=str(directory)[:500],
+        error=error,
+    )
 
 
 def discover(root: Path) -> Iterator[Path]:

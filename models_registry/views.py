@@ -60,7 +60,15 @@ def register(request: HttpRequest) -> HttpResponse:
             )
             return redirect("model-detail", pk=model.pk)
     elif request.method == "POST":
-        audit.record(Action.MODEL_REGISTERED, outcome=Outcome.DENIED, reason=_form_errors(form))
+        audit.record(
+            Action.MODEL_REGISTERED,
+            outcome=Outcome.DENIED,
+            team=visible_teams(request.user).filter(pk=form.data.get("team") or None).first()
+            if str(form.data.get("team", "")).isdigit()
+            else None,
+            reason=_form_errors(form),
+            attempted={key: str(form.data.get(key, ""))[:200] for key in ("team", "path")},
+        )
     return render(request, "models_registry/register.html", {"form": form})
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.planning.request import PlannerError, WeightsSummary
+from models_registry import strict_json
 from models_registry.inspection import inspect_directory
 
 # config.json larger than this is not a model config.
@@ -23,9 +24,11 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise PlannerError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = strict_json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PlannerError(f"cannot read {path}: {exc.strerror}") from exc
+    except strict_json.StrictJsonError as exc:
+        raise PlannerError(f"{path}: {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PlannerError(f"{path} is not JSON: {exc}") from exc
     if not isinstance(config, dict) or not config:

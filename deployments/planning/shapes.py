@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.planning.request import PlannerError
+from models_registry.strict_json import StrictJsonError, check_numbers
 
 # Config keys vLLM reads for the model's maximum length (derive_max_model_len_and_key).
 MAX_LENGTH_KEYS = (
@@ -146,7 +147,12 @@ def model_from_config(config: Mapping[str, Any]) -> ModelShape:
     """Read a Hugging Face ``config.json`` mapping into a ModelShape.
 
     Raises PlannerError naming the first missing field, so an empty ``{}`` config (the field
-    report's lesson 1) is refused rather than planned from guesses."""
+    report's lesson 1) is refused rather than planned from guesses, and one holding a number
+    no config has (NaN, 1e308, a 5,000-digit integer) is refused by its key."""
+    try:
+        check_numbers(config)
+    except StrictJsonError as exc:
+        raise PlannerError(f"config.json {exc}") from None
     config = _text_config(config)
     model_type = str(config.get("model_type") or "")
     rules = FAMILIES.get(model_type, FamilyRules())

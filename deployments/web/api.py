@@ -91,14 +91,17 @@ def deploy(request: HttpRequest) -> JsonResponse:
     """Validate strictly, then call :func:`services.request_deployment` like the form does."""
     if (refused := _door(request)) is not None:
         return refused
-    team = None
+    team, document = None, None
     try:
         document = _document(request)
+        _check_fields(document)
         data = _deploy_request(request.user, document)
         team = data.team
         deployment = services.request_deployment(request.user, data)
     except Refusal as exc:
-        services.record_denied(request.user, ValidationError(exc.errors), team=team)
+        services.record_denied(
+            request.user, ValidationError(exc.errors), team=team, attempted=attempted(document)
+        )
         return JsonResponse({"errors": exc.errors}, status=exc.status)
     except (ValidationError, PermissionDenied) as exc:  # audited by the service
         errors = getattr(exc, "message_dict", None) or {"team": _messages(exc)}
@@ -131,6 +134,10 @@ def _document(request: HttpRequest) -> dict[str, Any]:
         raise Refusal({"body": f"not valid JSON: {exc}"}) from None
     if not isinstance(document, dict):
         raise Refusal({"body": "send one JSON object"})
+    return document
+
+
+def _check_fields(document: dict[str, Any]) -> None:
     if (count := _key_count(document)) > MAX_KEYS:
         raise Refusal({"body": f"{count} keys; a deploy request has at most {MAX_KEYS}"})
     if unknown := sorted(set(document) - set(FIELDS)):
@@ -143,7 +150,18 @@ def _document(request: HttpRequest) -> dict[str, Any]:
         )
     if missing := [key for key in REQUIRED if key not in document]:
         raise Refusal({key: f"required: {FIELDS[key]}" for key in missing})
-    return document
+
+
+def attempted(document: dict[str, Any] | None) -> dict[str, str]:
+    """What a refused request asked for, for its ``denied`` audit row: the identifying fields
+    as short text (whatever their type), never the whole body."""
+    if not document:
+        return {}
+    return {
+        key: str(document[key])[:64]
+        for key in ("team", "name", "model", "host", "image", "gpu_count")
+        if key in document
+    }
 
 
 def nesting_depth(text: str) -> int:
