@@ -215,7 +215,7 @@ if BERTH_TRUSTED_PROXIES:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # Sign-in throttling counts failures per the address Berth itself derives (the one the audit
 # trail records); axes' own AXES_IPWARE_* settings need django-ipware, which Berth does not use.
-AXES_CLIENT_IP_CALLABLE = "audit.middleware.client_ip_for"
+AXES_CLIENT_IP_CALLABLE = "core.middleware.client_ip_for"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"

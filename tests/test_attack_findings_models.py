@@ -17,7 +17,7 @@ from django.test import Client
 
 from accounts.models import Team, User
 from audit.models import AuditEvent
-from deployments import planner
+from deployments import planning as planner
 from deployments.models import EngineImage
 from deployments.services import DeployRequest, request_deployment
 from models_registry import inspection

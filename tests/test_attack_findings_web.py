@@ -20,9 +20,9 @@ from django.conf import settings
 from django.test import Client, RequestFactory
 
 from accounts.models import User
-from audit.middleware import client_ip_for
 from audit.models import AuditEvent
 from config.management.commands.berth_up import web_command
+from core.middleware import client_ip_for
 from tests.conftest import BASE_DIR, PASSWORD, subprocess_env
 
 # --- 7. X-Forwarded-For -------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_finding_07_axes_uses_berths_own_client_address(alice: User, settings) -
     """Axes reads the address through Berth's function: with one trusted proxy, the client
     the proxy saw is locked, not the proxy (the ``AXES_IPWARE_*`` settings need django-ipware,
     which is not installed, so they did nothing)."""
-    assert settings.AXES_CLIENT_IP_CALLABLE == "audit.middleware.client_ip_for"
+    assert settings.AXES_CLIENT_IP_CALLABLE == "core.middleware.client_ip_for"
     settings.BERTH_TRUSTED_PROXIES = 1
     request = RequestFactory().get(
         "/", REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR="6.6.6.6, 192.0.2.44"

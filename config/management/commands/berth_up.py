@@ -40,7 +40,7 @@ def web_command(bind: str, port: int) -> list[str]:
     rewrites the client address before Django sees it, so anyone on the machine (or a request
     relayed through it) could pick the address that sign-in throttling and the audit trail
     record. Berth reads the header itself, once, as ``BERTH_TRUSTED_PROXIES`` says
-    (``audit.middleware.client_ip_for``)."""
+    (``core.middleware.client_ip_for``)."""
     return [
         "-m",
         "uvicorn",
