@@ -117,6 +117,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    # Tables a test reports through record_property (travels from xdist workers with the report).
+    for report in (r for reports in terminalreporter.stats.values() for r in reports):
+        for name, value in getattr(report, "user_properties", ()):
+            if name.endswith("_table") and getattr(report, "when", "call") == "call":
+                terminalreporter.write_sep("-", name.replace("_", " "))
+                terminalreporter.write_line(str(value))
     count = getattr(config, "_berth_pg_deselected", 0)
     if count:
         terminalreporter.write_line(
