@@ -11,11 +11,15 @@ dashboard are reachable by admins only.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractUser, UserManager
 from django.core.validators import RegexValidator
 from django.db import models
+from django.db.models import Q
+from django.utils import timezone
 
 
 class Role(models.TextChoices):
@@ -74,6 +78,12 @@ class Team(models.Model):
         blank=True,
         help_text="GPUs the team's deployments may hold at once (empty: no limit)",
     )
+    monthly_token_budget = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Tokens (prompt + completion) the team's keys may use per calendar month, UTC, "
+        "through the gateway (empty: no limit)",
+    )
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -95,3 +105,65 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.team}"
+
+
+class KeyScope(models.TextChoices):
+    INFERENCE = "inference", "Inference (the OpenAI-compatible gateway)"
+    MANAGE = "manage", "Manage (the JSON deployment API)"
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def usable(self, now: Any = None) -> ApiKeyQuerySet:
+        """Not revoked and not expired."""
+        now = now or timezone.now()
+        return self.filter(revoked_at__isnull=True).filter(
+            Q(expires__isnull=True) | Q(expires__gt=now)
+        )
+
+
+class ApiKey(models.Model):
+    """A team's key for the gateway (scope ``inference``) or the JSON API (``manage``).
+
+    The key ``bk_<prefix>_<secret>`` is shown once; only its SHA-256 is stored (the secret is
+    192 random bits, so a fast hash is enough: nobody can search that space, and the gateway
+    checks a key on every request). It belongs to the team, not to whoever created it: removing
+    the creator from the team leaves the key working. ``model_names`` lists the served model
+    names it may reach; empty means every model of the team. ``accounts.keys`` creates, rotates
+    and revokes keys, each change audited and pushed to every gateway.
+    """
+
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    scope = models.CharField(max_length=10, choices=KeyScope.choices, default=KeyScope.INFERENCE)
+    model_names = models.JSONField(default=list, blank=True)
+    expires = models.DateTimeField(null=True, blank=True)
+    rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute")
+    tpm = models.PositiveIntegerField(null=True, blank=True, help_text="Tokens per minute")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Set once, by whoever first sees the key past its expiry (the audit event is written then).
+    expiry_recorded = models.BooleanField(default=False)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["team", "-created"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"bk_{self.prefix} ({self.name})"
+
+    @property
+    def display(self) -> str:
+        """What pages and audit events show: the public part only."""
+        return f"bk_{self.prefix}_…"
+
+    def is_expired(self, now: Any = None) -> bool:
+        return self.expires is not None and self.expires <= (now or timezone.now())

@@ -19,6 +19,12 @@ class Action(models.TextChoices):
     TEAM_MEMBER_ADDED = "team.member_added", "Team member added"
     TEAM_MEMBER_REMOVED = "team.member_removed", "Team member removed"
     TEAM_QUOTA_CHANGED = "team.quota_changed", "Team GPU quota changed"
+    TEAM_BUDGET_CHANGED = "team.budget_changed", "Team monthly token budget changed"
+    API_KEY_CREATED = "apikey.created", "API key created"
+    API_KEY_ROTATED = "apikey.rotated", "API key rotated"
+    API_KEY_REVOKED = "apikey.revoked", "API key revoked"
+    API_KEY_EXPIRED = "apikey.expired", "API key expired"
+    API_KEY_DENIED = "apikey.denied", "Request with an API key refused"
     # The audit trail itself
     AUDIT_VERIFY_REQUESTED = "audit.verify_requested", "Chain verification requested"
     AUDIT_VERIFIED = "audit.verified", "Chain verified"
@@ -71,3 +77,4 @@ class ActorKind(models.TextChoices):
     USER = "user", "User"
     SYSTEM = "system", "System"
     JOB = "job", "Job"
+    KEY = "key", "API key"

@@ -94,6 +94,7 @@ INSTALLED_APPS = [
     "models_registry",
     "gpus",
     "deployments",
+    "gateway",
 ]
 
 MIDDLEWARE = [
@@ -374,3 +375,21 @@ BERTH_PREWARM_RAM_FRACTION = env_float(
     "BERTH_PREWARM_RAM_FRACTION", 0.8, minimum=0.05, maximum=0.95
 )
 BERTH_PREWARM_THREADS = env_int("BERTH_PREWARM_THREADS", 4, minimum=1, maximum=64)
+
+# --- Gateway (the OpenAI-compatible front door, ``manage.py berth_gateway``) --------------------
+BERTH_GATEWAY_BIND = env_str("BERTH_GATEWAY_BIND", "127.0.0.1")
+BERTH_GATEWAY_PORT = env_int("BERTH_GATEWAY_PORT", default=8001, minimum=1, maximum=65535)
+# How long a request for a model whose replicas are still loading waits before a 503.
+BERTH_GATEWAY_HOLD_S = env_int("BERTH_GATEWAY_HOLD_S", default=60, minimum=0, maximum=3600)
+# Longest silence from an engine (between streamed tokens, or before a non-streamed answer).
+BERTH_GATEWAY_UPSTREAM_TIMEOUT_S = env_int(
+    "BERTH_GATEWAY_UPSTREAM_TIMEOUT_S", default=600, minimum=1, maximum=3600
+)
+# Per-minute usage rows kept for pages, /metrics and the CSV export.
+BERTH_GATEWAY_USAGE_RETENTION_D = env_int(
+    "BERTH_GATEWAY_USAGE_RETENTION_D", default=90, minimum=1, maximum=3650
+)
+# The address users reach the gateway at, for the curl lines on the pages.
+BERTH_GATEWAY_URL = env_str(
+    "BERTH_GATEWAY_URL", f"http://{BERTH_GATEWAY_BIND}:{BERTH_GATEWAY_PORT}"
+)
