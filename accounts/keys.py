@@ -34,10 +34,10 @@ from redis.exceptions import RedisError
 
 import audit
 from accounts.models import ApiKey, KeyScope, Team, slug_validator
-from audit import context
 from audit.actions import Action, ActorKind, Outcome
-from audit.jobs import redis_connection
 from audit.trail import denial_reason
+from core import context
+from core.queues import redis_connection
 
 logger = logging.getLogger(__name__)
 

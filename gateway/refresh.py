@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from accounts import keys
 from accounts.models import Team
-from deployments.stream import channel as deployment_channel
+from deployments.changes import channel as deployment_channel
 from gateway import cache
 
 logger = logging.getLogger(__name__)

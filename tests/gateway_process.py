@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from accounts.models import Team
-from deployments.diagnostics import diagnose
-from deployments.launcher import fail
 from deployments.models import Deployment
+from deployments.runtime.diagnostics import diagnose
+from deployments.runtime.launcher import fail
 from deployments.states import State
 from gpus.models import Host
 from tests.conftest import BASE_DIR, subprocess_env

@@ -19,8 +19,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from accounts.keys import KeySettings, create_api_key
 from accounts.models import KeyScope, Team
-from audit import context
 from audit.actions import ActorKind
+from core import context
 
 OPTION_OF_FIELD = {"models": "--models", "expires_days": "--expires-days", "name": "--name"}
 

@@ -9,8 +9,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from accounts.keys import revoke_api_key
 from accounts.models import ApiKey
-from audit import context
 from audit.actions import ActorKind
+from core import context
 
 
 class Command(BaseCommand):
