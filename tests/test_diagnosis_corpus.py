@@ -15,8 +15,6 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pytest
-
 from deployments.runtime.diagnostics import RULES_BY_CODE, diagnose
 
 CORPUS = Path(__file__).parent / "fixtures" / "diagnosis-corpus"
@@ -74,12 +72,6 @@ def test_every_case_is_sourced_complete_and_in_one_part() -> None:
     assert sum(c["expected"] == "none" for c in CASES) >= MIN_HEALTHY
 
 
-BASELINE = pytest.mark.xfail(
-    strict=True, reason="baseline, committed before the classifier work: 56% / 56% top-1"
-)
-
-
-@BASELINE
 def test_every_expected_code_is_one_the_classifier_can_return() -> None:
     known = set(RULES_BY_CODE) | SPECIAL_CODES
     assert {case["expected"] for case in CASES} <= known
@@ -97,7 +89,6 @@ def test_held_out_part_is_the_recorded_seeded_third() -> None:
         assert sum(c["expected"] == "none" and c["split"] == part for c in CASES) >= 5
 
 
-@BASELINE
 def test_top1_meets_the_goal_on_both_parts_without_false_alarms(record_property) -> None:
     tables = {part: table(part) for part in PARTS}
     record_property("diagnosis_corpus_table", render(tables))

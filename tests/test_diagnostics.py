@@ -48,6 +48,17 @@ SIGNATURES = {
     "engine-ready-timeout": "TimeoutError: Timed out waiting for engine core processes to start. This is often caused by slow weight loading for large models. Waited 600s (configured by VLLM_ENGINE_READY_TIMEOUT_S).",
     "model-path-not-found": "OSError: Incorrect path_or_model_id: '/models/team-a/gone'. Please provide either the path to a local folder or the repo_id of a model on the Hub.",
     "chat-template-missing": "ValueError: As of transformers v4.44, default chat template is no longer allowed, so you must provide a chat template if the tokenizer does not define one.",
+    "gpu-index-unknown": "stderr: nvidia-container-cli: device error: 1: unknown device: unknown.",
+    "host-driver-unavailable": "nvidia-container-cli: initialization error: nvml error: driver not loaded: unknown",
+    "image-lacks-gpu-arch": "RuntimeError: CUDA error: no kernel image is available for execution on the device",
+    "gpu-unsupported": "RuntimeError: GPUs with compute capability below 7.0 are not supported.",
+    "quant-unsupported-gpu": "ValueError: The quantization method fp8 is not supported for the current GPU. Minimum capability: 90. Current capability: 86.",
+    "pp-unsupported": "NotImplementedError: Pipeline parallelism is not supported for this model. Supported models implement the `SupportsPP` interface.",
+    "host-oom-killed": "Killed",
+    "config-invalid": "ValueError: Unrecognized model in /models/x. Should have a `model_type` key in its config.json, or contain one of the following strings in its name: albert",
+    "disk-full": "OSError: [Errno 28] No space left on device",
+    "broken-install": "ImportError: /usr/local/lib/python3.12/dist-packages/flash_attn_2_cuda.so: undefined symbol: _ZN3c105ErrorC2E",
+    "engine-args-rejected": "vllm: error: unrecognized arguments: serve /models/x",
 }
 
 
@@ -120,3 +131,88 @@ def test_diagnose_cli_json_shape(tmp_path: Path) -> None:
     out = StringIO()
     call_command("diagnose", str(LOGS / "healthy.log"), "--json", stdout=out)
     assert [f["code"] for f in json.loads(out.getvalue())["findings"]] == ["none"]
+
+
+OOM_TWO_TENANTS = (
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+    "capacity of 79.15 GiB of which 300.00 MiB is free. Process 1234 has 30.00 GiB memory in use. "
+    "Process 5678 has 48.50 GiB memory in use. Of the allocated memory 46.20 GiB is allocated by "
+    "PyTorch, and 1.10 GiB is reserved by PyTorch but unallocated."
+)
+
+
+def test_oom_on_a_gpu_another_process_fills_is_gpu_memory_in_use() -> None:
+    # Found by hand: torch lists every process on the GPU; in a container it cannot tell which
+    # is its own, so the engine is the entry that holds what PyTorch allocated and the rest is
+    # someone else's memory.
+    findings = diagnose(PREFIX + OOM_TWO_TENANTS + "\n" + WRAPPER, exit_code=1)
+    assert findings[0].code == "gpu-memory-in-use"
+    assert findings[0].line_number == 2
+
+
+def test_oom_whose_only_process_is_the_engine_stays_cuda_oom() -> None:
+    line = (  # vllm-project/vllm#8903: the one process listed is the engine itself
+        "CUDA out of memory. Tried to allocate 19.63 GiB. GPU 3 has a total capacity of 79.15 GiB "
+        "of which 17.73 GiB is free. Process 78729 has 61.41 GiB memory in use. Of the allocated "
+        "memory 56.64 GiB is allocated by PyTorch, and 4.07 GiB is reserved by PyTorch but "
+        "unallocated."
+    )
+    assert diagnose(PREFIX + line, exit_code=1)[0].code == "cuda-oom"
+
+
+def test_old_torch_oom_with_memory_outside_pytorch_is_gpu_memory_in_use() -> None:
+    line = (  # vllm-project/vllm#783: 16 of 44.56 GiB held by other processes
+        "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.63 GiB (GPU 0; "
+        "44.56 GiB total capacity; 27.91 GiB already allocated; 565.31 MiB free; 27.93 GiB "
+        "reserved in total by PyTorch)"
+    )
+    assert diagnose(line)[0].code == "gpu-memory-in-use"
+
+
+def test_tokenizer_type_error_is_diagnosed_by_the_frame_that_raised_it() -> None:
+    # Found by hand: a tokenizer whose vocabulary file is missing gets None for its path.
+    error = "TypeError: expected str, bytes or os.PathLike object, not NoneType"
+    frame = '  File "/models/x/tokenization_qwen.py", line 101, in load_tiktoken_bpe'
+    log = f"Traceback (most recent call last):\n{frame}\n    open(None)\n{error}\n"
+    assert diagnose(log, exit_code=1)[0].code == "missing-tokenizer"
+    elsewhere = log.replace("tokenization_qwen.py", "engine.py").replace("load_tiktoken_bpe", "run")
+    assert diagnose(elsewhere, exit_code=1)[0].code == "unrecognized-error"
+
+
+def test_key_error_from_transformers_config_mapping_is_an_unknown_model_type() -> None:
+    log = (
+        "Traceback (most recent call last):\n"
+        '  File "/usr/lib/python3/transformers/models/auto/configuration_auto.py", line 691, '
+        "in __getitem__\n    raise KeyError(key)\nKeyError: 'mllama'\n"
+    )
+    assert diagnose(log, exit_code=1)[0].code == "transformers-too-old"
+
+
+def test_trust_remote_code_in_an_engine_config_dump_is_not_an_alarm() -> None:
+    line = (
+        "INFO 12-20 00:49:35 llm_engine.py:237] Initializing an LLM engine (vdev) with config: "
+        "model='/models/x', trust_remote_code=True, dtype=torch.bfloat16, max_seq_len=8192"
+    )
+    assert [f.code for f in diagnose(line)] == ["none"]
+
+
+def test_a_gpu_too_old_for_vllm_explains_its_bfloat16_error() -> None:
+    log = (  # vllm-project/vllm#1284: --dtype half cannot help a P100
+        "Bfloat16 is only supported on GPUs with compute capability of at least 8.0. Your Tesla "
+        "P100-PCIE-16GB GPU has compute capability 6.0.\n"
+        "RuntimeError: GPUs with compute capability below 7.0 are not supported.\n"
+    )
+    assert [f.code for f in diagnose(log, exit_code=1)] == ["gpu-unsupported"]
+
+
+def test_container_toolkit_errors_name_their_cause() -> None:
+    hook = "stderr: Auto-detected mode as 'legacy'\nnvidia-container-cli: "
+    cases = {
+        "requirement error: unsatisfied condition: cuda>=12.8, please update your driver to a "
+        "newer version, or use an earlier cuda container: unknown": "cuda-driver-mismatch",
+        "initialization error: load library failed: libnvidia-ml.so.1: cannot open shared "
+        "object file: no such file or directory: unknown.": "host-driver-unavailable",
+        "device error: 1: unknown device: unknown.": "gpu-index-unknown",
+    }
+    for error, code in cases.items():
+        assert diagnose(hook + error)[0].code == code, error
