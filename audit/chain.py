@@ -64,6 +64,12 @@ class Verification:
     last_seq: int
     first_bad_seq: int | None = None
     reason: str = ""
+    # Filled by ``audit.verification``: events the chain (and its latest anchor) say should be
+    # stored against those that are, the missing sequence ranges, and rows that should be gone.
+    expected: int | None = None
+    found: int | None = None
+    missing: tuple[tuple[int, int], ...] = ()
+    extra: int = 0
 
     @property
     def ok(self) -> bool:

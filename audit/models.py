@@ -7,6 +7,7 @@ from typing import Any, NoReturn
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 from audit.actions import Action, ActorKind, Outcome
 
@@ -111,3 +112,26 @@ class AuditEvent(models.Model):
             return Action(self.action).label
         except ValueError:
             return self.action
+
+
+class AuditPrune(models.Model):
+    """A sanctioned removal of the chain's head: events up to ``through_seq`` are gone, and the
+    stored chain starts after it (``through_hash`` is the last removed event's hash).
+
+    On PostgreSQL only ``berth_audit_prune()`` writes these rows (a trigger refuses anyone else),
+    and only that function may delete audit events; a row here — not an ``audit.pruned`` event,
+    which anyone who can append could forge — is what lets verification start past seq 1.
+    """
+
+    through_seq = models.PositiveBigIntegerField(unique=True)
+    through_hash = models.CharField(max_length=64)
+    checkpoint_seq = models.PositiveBigIntegerField()
+    deleted = models.PositiveBigIntegerField()
+    time = models.DateTimeField(default=timezone.now)
+    pruned_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-through_seq"]
+
+    def __str__(self) -> str:
+        return f"pruned through #{self.through_seq} ({self.deleted} events)"

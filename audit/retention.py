@@ -5,11 +5,17 @@ given). A prune runs in one transaction:
 
 1. verify the chain as it stands (a broken chain is evidence: it is not pruned);
 2. record ``audit.pruned`` — the checkpoint: the ``seq`` and ``hash`` of the last event to be
-   removed, the cutoff and the count — so ``audit_verify`` starts from it afterwards;
-3. delete the events up to that ``seq`` through the one escape the guards leave open: raw SQL
-   past the ORM's refusal and, on PostgreSQL, ``SET LOCAL berth.audit_prune_through`` which the
-   append-only trigger honours for rows at or below that ``seq`` only, for this transaction only,
-   and only while the checkpoint of step 2 is in the table (migration 0005).
+   removed, the cutoff and the count;
+3. on PostgreSQL, call ``berth_audit_prune(through_seq, checkpoint_seq)``: a SECURITY DEFINER
+   function owned by the schema's owner (migration 0007), which only the role an operator
+   grants it to may run (``berth_pruner``, see the README), never the application's. It
+   checks that the checkpoint is the newest event, names exactly that event and hash, and that
+   the chain links from its start to the checkpoint; then it records the prune in
+   ``audit_auditprune`` and deletes the rows — the append-only trigger lets a DELETE through
+   only inside that function. On SQLite (one file, no roles) the same happens here.
+
+Then, with anchors on, a new signed anchor records where the chain now starts, so verification
+tells this prune from an erasure.
 """
 
 from __future__ import annotations
@@ -17,11 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 
+from audit import anchors
 from audit.actions import Action
-from audit.models import AuditEvent
+from audit.models import AuditEvent, AuditPrune
+from audit.trail import lock_chain, record
 from audit.verification import verify_stored_chain
+
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 class PruneRefused(Exception):
@@ -37,10 +47,8 @@ class PruneResult:
 
 def prune_before(cutoff: datetime, *, using: str = DEFAULT_DB_ALIAS, **why: object) -> PruneResult:
     """Delete every audit event older than ``cutoff`` (``time < cutoff``), checkpointing first."""
-    from audit.trail import _lock_chain, record
-
     with transaction.atomic(using=using):
-        _lock_chain(using)
+        lock_chain(using)
         events = AuditEvent.objects.using(using)
         # Time does not decrease along the chain, so "older than the cutoff" is a head of it.
         last = events.filter(time__lt=cutoff).order_by("-seq").values_list("seq", "hash").first()
@@ -68,15 +76,41 @@ def prune_before(cutoff: datetime, *, using: str = DEFAULT_DB_ALIAS, **why: obje
             cutoff=cutoff.isoformat(),
             **why,
         )
-        connection = connections[using]
+        deleted = _delete_head(using, through_seq, through_hash, checkpoint.seq, count)
+    anchors.write_anchor(
+        reason="prune", using=using, verified_through=(checkpoint.seq, checkpoint.hash)
+    )
+    return PruneResult(deleted, through_seq, checkpoint.seq)
+
+
+def _delete_head(
+    using: str, through_seq: int, through_hash: str, checkpoint_seq: int, count: int
+) -> int:
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        table = connection.ops.quote_name(AuditEvent._meta.db_table)
         with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
-                cursor.execute(
-                    "SELECT set_config('berth.audit_prune_through', %s, true)", [str(through_seq)]
-                )
-            table = connection.ops.quote_name(AuditEvent._meta.db_table)
             cursor.execute(f"DELETE FROM {table} WHERE seq <= %s", [through_seq])  # noqa: S608
             deleted = cursor.rowcount
-            if connection.vendor == "postgresql":
-                cursor.execute("SELECT set_config('berth.audit_prune_through', '', true)")
-    return PruneResult(deleted, through_seq, checkpoint.seq)
+        AuditPrune.objects.using(using).create(
+            through_seq=through_seq,
+            through_hash=through_hash,
+            checkpoint_seq=checkpoint_seq,
+            deleted=count,
+        )
+        return deleted
+    try:
+        with transaction.atomic(using=using), connection.cursor() as cursor:
+            cursor.execute("SELECT berth_audit_prune(%s, %s)", [through_seq, checkpoint_seq])
+            return cursor.fetchone()[0]
+    except DatabaseError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+            raise
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_user")
+            role = cursor.fetchone()[0]
+    raise PruneRefused(
+        f"the database role {role} may not prune the audit trail: run prune_audit with the "
+        "DATABASE_URL of the role granted EXECUTE on berth_audit_prune() (berth_pruner in the "
+        "README), not the application's"
+    )

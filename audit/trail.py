@@ -79,7 +79,7 @@ def record(
         **_target_fields(target),
     )
     with transaction.atomic(using=using):
-        _lock_chain(using)
+        lock_chain(using)
         last = (
             AuditEvent.objects.using(using)
             .order_by("-seq")
@@ -170,7 +170,7 @@ def _hashed_values(event: AuditEvent) -> dict[str, Any]:
     return {name: getattr(event, name) for name in chain.HASHED_FIELDS}
 
 
-def _lock_chain(using: str) -> None:
+def lock_chain(using: str) -> None:
     connection = connections[using]
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:

@@ -7,6 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 
+from audit.anchors import MIN_KEY_LENGTH as MIN_ANCHOR_KEY_LENGTH
+
 UNSAFE_SOURCES = ("'unsafe-inline'", "'unsafe-eval'", "*")
 
 
@@ -113,3 +115,29 @@ def check_login_throttling(app_configs: Any, **kwargs: Any) -> list[Warning]:
         )
         for problem in problems
     ]
+
+
+@register(Tags.security, deploy=True)
+def check_audit_anchors(app_configs: Any, **kwargs: Any) -> list[Warning]:
+    """Without anchors outside the database, whoever holds the database's credentials (every
+    host agent) can rewrite the audit chain so that it still verifies (audit/anchors.py)."""
+    if not settings.BERTH_AUDIT_ANCHOR_DIR:
+        return [
+            Warning(
+                "BERTH_AUDIT_ANCHOR_DIR is not set: the audit chain has no signed anchor outside "
+                "the database",
+                hint="Set BERTH_AUDIT_ANCHOR_DIR and BERTH_AUDIT_ANCHOR_KEY on the console "
+                "(README: Anchors outside the database).",
+                id="berth.W011",
+            )
+        ]
+    if len(settings.BERTH_AUDIT_ANCHOR_KEY) < MIN_ANCHOR_KEY_LENGTH:
+        return [
+            Warning(
+                "BERTH_AUDIT_ANCHOR_DIR is set but BERTH_AUDIT_ANCHOR_KEY is missing or short: "
+                "no anchor can be written or checked",
+                hint=f"Give the console a random key of {MIN_ANCHOR_KEY_LENGTH}+ characters.",
+                id="berth.W012",
+            )
+        ]
+    return []

@@ -366,6 +366,11 @@ BERTH_AUDIT_VERIFY_INTERVAL_H = env_int(
 # the default; prune_audit then refuses without --force). GPU snapshot retention is
 # BERTH_GPU_RAW_RETENTION_H / BERTH_GPU_ROLLUP_RETENTION_D above, applied hourly by each agent.
 BERTH_AUDIT_RETENTION_DAYS = env_int("BERTH_AUDIT_RETENTION_DAYS", default=0, minimum=0)
+# Signed anchors of the chain outside the database (audit/anchors.py): the directory they are
+# written to (the database's role must not be able to write it; empty: anchors off) and the
+# HMAC key, which only the console's web and default worker hold — never a host agent.
+BERTH_AUDIT_ANCHOR_DIR = env_str("BERTH_AUDIT_ANCHOR_DIR", "") or ""
+BERTH_AUDIT_ANCHOR_KEY = env_secret("BERTH_AUDIT_ANCHOR_KEY") or ""
 # Page-cache prewarm of a model's weights while its container starts
 # (deployments/runtime/prewarm.py): auto = on for network and object storage mounts; skipped when
 # the weights exceed this fraction of the host's available memory (vLLM's own auto-prefetch uses

@@ -169,6 +169,8 @@ def test_production_settings_pass_check_deploy(tmp_path: Path) -> None:
         STATIC_ROOT=str(tmp_path / "static"),
         SECURE_HSTS_INCLUDE_SUBDOMAINS="1",
         SECURE_HSTS_PRELOAD="1",
+        BERTH_AUDIT_ANCHOR_DIR=str(tmp_path),
+        BERTH_AUDIT_ANCHOR_KEY="anchor-key-" + "x" * 40,
     )
     result = run_manage("check", "--deploy", "--fail-level", "WARNING", env=env)
     assert result.returncode == 0, result.stdout + result.stderr

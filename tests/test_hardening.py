@@ -20,6 +20,8 @@ PRODUCTION_ENV = {
     "ALLOWED_HOSTS": "berth.example",
     "SECURE_HSTS_INCLUDE_SUBDOMAINS": "1",
     "SECURE_HSTS_PRELOAD": "1",
+    "BERTH_AUDIT_ANCHOR_DIR": "/tmp",  # noqa: S108 (only checked to be set)
+    "BERTH_AUDIT_ANCHOR_KEY": "anchor-key-" + "x" * 40,
 }
 
 

@@ -48,6 +48,15 @@ class Command(BaseCommand):
         sources: str,
         **options: Any,
     ) -> None:
+        if settings.BERTH_AUDIT_ANCHOR_KEY:
+            # Agents write audit events with the database's credentials; the anchors that let
+            # the console detect a rewritten chain are only worth something if no agent can
+            # sign one (audit/anchors.py).
+            raise CommandError(
+                "BERTH_AUDIT_ANCHOR_KEY is set: a host agent must not hold the audit anchor "
+                "key. Remove BERTH_AUDIT_ANCHOR_KEY (and _FILE) from this agent's environment; "
+                "only the console's web and default worker need it"
+            )
         row = Host.objects.filter(name=host).first()
         if row is None:
             raise CommandError(
