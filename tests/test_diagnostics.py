@@ -59,11 +59,13 @@ SIGNATURES = {
     "disk-full": "OSError: [Errno 28] No space left on device",
     "broken-install": "ImportError: /usr/local/lib/python3.12/dist-packages/flash_attn_2_cuda.so: undefined symbol: _ZN3c105ErrorC2E",
     "engine-args-rejected": "vllm: error: unrecognized arguments: serve /models/x",
+    "weights-incomplete": "FileNotFoundError: Weight files referenced in index but missing: {'/models/tiny/model-00002-of-00002.safetensors'}",
 }
 
 
 def test_every_rule_has_a_signature_test() -> None:
-    assert {rule.code for rule in RULES} - {"engine-core-failed"} == set(SIGNATURES)
+    structural = {"tokenizer-unreadable"}  # recognised by where it is raised: test below
+    assert {rule.code for rule in RULES} - {"engine-core-failed"} - structural == set(SIGNATURES)
 
 
 @pytest.mark.parametrize(("code", "signature"), SIGNATURES.items(), ids=list(SIGNATURES))
@@ -216,3 +218,27 @@ def test_container_toolkit_errors_name_their_cause() -> None:
     }
     for error, code in cases.items():
         assert diagnose(hook + error)[0].code == code, error
+
+
+def test_a_json_error_while_loading_the_tokenizer_is_an_unreadable_tokenizer() -> None:
+    # vLLM 0.32 on a truncated tokenizer.json: json raises, several frames below the tokenizer.
+    base = "/opt/vllm/lib/python3.11/site-packages/transformers/tokenization_utils_base.py"
+    log = (
+        "Traceback (most recent call last):\n"
+        f'  File "{base}", line 1909, in _from_pretrained\n'
+        "    tokenizer_file_handle = json.load(tokenizer_file_handle)\n"
+        '  File "/usr/lib/python3.11/json/decoder.py", line 355, in raw_decode\n'
+        '    raise JSONDecodeError("Expecting value", s, err.value) from None\n'
+        "json.decoder.JSONDecodeError: Expecting value: line 1 column 4259 (char 4258)\n"
+    )
+    assert diagnose(log, exit_code=1)[0].code == "tokenizer-unreadable"
+
+
+def test_an_exception_quoted_in_a_warning_is_not_an_error() -> None:
+    warning = (  # vLLM 0.32 on a host whose file limit it cannot raise
+        "(APIServer pid=7) WARNING 12-05 21:06:20 [system_utils.py:255] Found ulimit of 20000 and "
+        "failed to automatically increase with error current limit exceeds maximum limit. This "
+        "can cause fd limit errors like `OSError: [Errno 24] Too many open files`. Consider "
+        "increasing with ulimit -n"
+    )
+    assert [f.code for f in diagnose(PREFIX + warning)] == ["none"]

@@ -256,6 +256,22 @@ _MODEL_FILES = (
         raised=((("TypeError",), r"tokeniz|sentencepiece|tiktoken"),),
     ),
     _rule(
+        "tokenizer-unreadable",
+        "A tokenizer file is corrupt or truncated",
+        "Copy the tokenizer files from the checkpoint again (a partial download or copy leaves "
+        "invalid JSON); Berth's inspection parses tokenizer.json before registration.",
+        raised=((("JSONDecodeError",), r"tokeniz"),),
+    ),
+    _rule(
+        "weights-incomplete",
+        "Weight files are missing or truncated",
+        "Copy the checkpoint again: a shard named in model.safetensors.index.json is missing or "
+        "cut short (Berth's inspection checks every shard the index names).",
+        r"Weight files referenced in index but missing",
+        r"Error while deserializing header: (MetadataIncompleteBuffer|HeaderTooLarge)",
+        r"incomplete metadata, file not fully covered",
+    ),
+    _rule(
         "config-invalid",
         "The model's config.json is not a usable Hugging Face config",
         "Point the deployment at a directory holding the checkpoint's real config.json (with "
@@ -263,6 +279,7 @@ _MODEL_FILES = (
         "refuses such directories).",
         r"Should have a `model_type` key in its config\.json",
         r"It looks like the config file at .* is not a valid JSON file",
+        raised=((("JSONDecodeError",), r"configuration_utils|transformers_utils/config"),),
     ),
     _rule(
         "trust-remote-code-required",

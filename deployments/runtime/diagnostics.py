@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from deployments.runtime.diagnosis_rules import RULES, RULES_BY_CODE, Rank, Rule
+from deployments.runtime.diagnosis_rules import RULES, RULES_BY_CODE, Raised, Rank, Rule
 
 __all__ = ["RULES", "RULES_BY_CODE", "Finding", "Rank", "Rule", "diagnose"]
 
@@ -56,7 +56,11 @@ HOST_OOM = Finding(
     "exit code 137",
 )
 NONE = Finding("none", "No failure found in the log", "Nothing to fix.", None, "")
-_EXCEPTION = re.compile(r"\b((?:[a-z_]\w*\.)*([A-Z]\w*(?:Error|Exception)|KeyboardInterrupt))\b: ")
+# An exception line names its type first; one quoted inside a sentence (a warning that says
+# "errors like `OSError: ...`") is not one.
+_EXCEPTION = re.compile(
+    r"(?<![`'\"(])\b((?:[a-z_]\w*\.)*([A-Z]\w*(?:Error|Exception)|KeyboardInterrupt))\b: "
+)
 _PYDANTIC_VALUE_ERROR = re.compile(r"^\s*(?:\([\w-]+ pid=\d+\)\s*)*Value error, ")
 _FRAME = re.compile(r'(?P<path>[^"\s]*\.py)", line \d+, in (?P<function>[\w<>]+)')
 
@@ -68,18 +72,18 @@ def diagnose(
     lines = log.splitlines() if isinstance(log, str) else [line.rstrip("\n") for line in log]
     found: dict[str, tuple[Rank, Finding]] = {}
     first_exception: tuple[int, str] | None = None  # not matched by any rule
-    frame = ""  # the last "File ..., line n, in f" seen: where the next exception was raised
+    frames: list[str] = []  # "path function" of the traceback being read, outermost first
     for number, line in enumerate(lines, start=1):
         exception = _exception_type(line)
-        rule = _match(line, exception, frame)
+        rule = _match(line, exception, frames)
         if rule is not None and rule.code not in found:
             found[rule.code] = (rule.rank, _finding(rule, number, line))
         if first_exception is None and rule is None and exception is not None:
             first_exception = (number, line.strip()[:MAX_LINE])
         if (where := _FRAME.search(line)) is not None:
-            frame = f"{where['path']} {where['function']}"
-        elif exception is not None:
-            frame = ""
+            frames.append(f"{where['path']} {where['function']}")
+        elif exception is not None or "Traceback (most recent call last)" in line:
+            frames = []
     _blame_neighbours(found, lines)
     for code in [c for _, f in found.values() for c in RULES_BY_CODE[f.code].supersedes]:
         found.pop(code, None)
@@ -113,16 +117,23 @@ def _exception_type(line: str) -> str | None:
     return match.group(2) if match else None
 
 
-def _match(line: str, exception: str | None, frame: str) -> Rule | None:
+def _match(line: str, exception: str | None, frames: list[str]) -> Rule | None:
     text = line.strip()
     for rule in RULES:
         if any(pattern.search(text) for pattern in rule.patterns):
             return rule
-        if exception is not None and any(
-            exception in raised.types and raised.frame.search(frame) for raised in rule.raised
-        ):
+        raised = rule.raised if exception is not None else ()
+        if any(_raised_by(signature, exception or "", frames) for signature in raised):
             return rule
     return None
+
+
+def _raised_by(raised: Raised, exception: str, frames: list[str]) -> bool:
+    """The exception is one of ``raised.types`` and a frame of its traceback matches: the
+    raising frame, or the library call it happened in (a JSON error inside tokenizer loading)."""
+    if exception not in raised.types:
+        return False
+    return any(raised.frame.search(frame) for frame in frames) or raised.frame.pattern == ""
 
 
 # --- memory accounting ------------------------------------------------------------------------
