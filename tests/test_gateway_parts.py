@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,10 @@ def _limiter_run(coroutine_factory):  # type: ignore[no-untyped-def]
         finally:
             await client.aclose()
 
-    return asyncio.run(run())
+    # A fresh thread: a browser test earlier on this xdist worker may have left Playwright's
+    # event loop set as the running loop of the main thread.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 @pytest.mark.redis
