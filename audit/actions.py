@@ -67,6 +67,32 @@ class Action(models.TextChoices):
     RECONCILE_JOB_RESUMED = "reconcile.job_resumed", "Lost job enqueued again"
 
 
+# The subject each action's prefix belongs to, in the order the review's filter lists them.
+SUBJECTS: dict[str, str] = {
+    "auth": "Sign-in",
+    "account": "Accounts and teams",
+    "team": "Accounts and teams",
+    "deployment": "Deployments",
+    "image": "Deployments",
+    "model": "Models and storage",
+    "models": "Models and storage",
+    "storage": "Models and storage",
+    "host": "Hosts and GPUs",
+    "gpu": "Hosts and GPUs",
+    "gc": "Maintenance",
+    "reconcile": "Maintenance",
+    "audit": "The audit trail",
+}
+
+
+def grouped_choices() -> list[tuple[str, list[tuple[str, str]]]]:
+    """Every action as ``(value, label)``, grouped by subject (for an ``<optgroup>`` select)."""
+    groups: dict[str, list[tuple[str, str]]] = {subject: [] for subject in SUBJECTS.values()}
+    for action in Action:
+        groups[SUBJECTS[action.value.split(".", 1)[0]]].append((action.value, action.label))
+    return [(subject, choices) for subject, choices in groups.items() if choices]
+
+
 class Outcome(models.TextChoices):
     OK = "ok", "OK"
     FAILED = "failed", "Failed"

@@ -16,7 +16,7 @@ from typing import Any
 from django import forms
 from django.db.models import QuerySet
 
-from audit.actions import Action, ActorKind, Outcome
+from audit.actions import ActorKind, Outcome, grouped_choices
 from audit.models import AuditEvent
 
 DEFAULT_PAGE_SIZE = 50
@@ -82,7 +82,7 @@ class ReviewFilterForm(forms.Form):
     actor = _text("Actor", 150)
     kind = _choice("Actor kind", ActorKind.choices)
     team = _text("Team", 64)
-    action = _choice("Action", [(value, value) for value, _label in Action.choices])
+    action = _choice("Action", grouped_choices())
     outcome = _choice("Outcome", Outcome.choices)
     target_type = _text("Target type", 100)
     target_id = _text("Target id", 64)

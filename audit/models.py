@@ -107,6 +107,17 @@ class AuditEvent(models.Model):
         return json.loads(self.payload_json)
 
     @property
+    def change(self) -> tuple[str, str] | None:
+        """``(old, new)`` for an event that records a change (a deployment's state, a role, a
+        quota: its payload holds both as plain values), else None."""
+        payload = self.payload
+        old, new = payload.get("old"), payload.get("new")
+        plain = (str, int, float)
+        if isinstance(old, plain) and isinstance(new, plain):
+            return str(old), str(new)
+        return None
+
+    @property
     def action_label(self) -> str:
         try:
             return Action(self.action).label

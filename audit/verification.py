@@ -17,12 +17,16 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
+from redis.exceptions import RedisError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 
 from audit import anchors, chain
 from audit.actions import Action, Outcome
 from audit.anchors import Anchor, AnchorError
 from audit.models import AuditEvent, AuditPrune
 from audit.trail import record
+from core.queues import redis_connection
 
 CHUNK = 2000
 
@@ -283,3 +287,17 @@ def latest_status(now: datetime | None = None) -> Status:
         first_bad_seq=payload.get("first_bad_seq"),
         reason=payload.get("reason") or "",
     )
+
+
+def job_state(job_id: str) -> str:
+    """What RQ says of a verification job: ``queued``, ``started``, ``finished``, ``failed``…,
+    ``gone`` when Redis no longer knows it, ``unknown`` when Redis does not answer."""
+    if not job_id:
+        return "gone"
+    try:
+        status = Job.fetch(job_id, connection=redis_connection()).get_status()
+    except NoSuchJobError:
+        return "gone"
+    except RedisError:
+        return "unknown"
+    return getattr(status, "value", str(status))  # RQ's JobStatus enum

@@ -26,7 +26,7 @@ import audit
 from audit import chain, filters
 from audit.actions import Action, Outcome
 from audit.models import AuditEvent
-from audit.verification import latest_status
+from audit.verification import job_state, latest_status
 from core.queues import enqueue
 
 # Events of the same request or job shown on an event's page (each one query, capped).
@@ -219,18 +219,47 @@ def _related(field: str, value: str) -> list[AuditEvent]:
 @require_POST
 @reviewer_required
 def request_verification(request: HttpRequest) -> HttpResponse:
-    """Queue a full verification of the chain; its result is itself an audit event."""
+    """Queue a full verification of the chain; its result is itself an audit event. From the
+    review page (htmx) the chain's badge is answered in place and follows the job until its
+    result is recorded; without JavaScript, a message and the review page."""
     queue = django_rq.get_queue("default")
     try:
         queue.connection.ping()
         job_id = enqueue(queue, "audit.jobs.verify_chain", job_timeout=3600)
     except RedisError as exc:
         audit.record(Action.AUDIT_VERIFY_REQUESTED, outcome=Outcome.FAILED, error=str(exc)[:500])
-        messages.error(request, f"Could not queue the verification: Redis is unreachable ({exc}).")
+        error = f"Could not queue the verification: Redis is unreachable ({exc})."
+        if request.htmx:
+            return _chain_status(request, error=error)
+        messages.error(request, error)
         return redirect("audit-review")
-    audit.record(Action.AUDIT_VERIFY_REQUESTED, job_id_queued=job_id)
+    requested = audit.record(Action.AUDIT_VERIFY_REQUESTED, job_id_queued=job_id)
+    if request.htmx:
+        return _chain_status(request, after=requested.seq, job_id=job_id)
     messages.success(
         request,
         f"Verification queued as job {job_id}; its result appears below as 'Chain verified'.",
     )
     return redirect("audit-review")
+
+
+@reviewer_required
+def verification_status(request: HttpRequest) -> HttpResponse:
+    """The chain's badge, polled while a requested verification runs: the result once an
+    ``audit.verified`` newer than the request (``after``) exists, else the job's state."""
+    try:
+        after = int(request.GET.get("after", ""))
+    except ValueError:
+        return HttpResponse("after: a sequence number is required.\n", status=400)
+    return _chain_status(request, after=after, job_id=request.GET.get("job", "")[:64])
+
+
+def _chain_status(
+    request: HttpRequest, *, after: int | None = None, job_id: str = "", error: str = ""
+) -> HttpResponse:
+    verification = latest_status()
+    pending = None
+    if after is not None and (verification.seq or 0) <= after:
+        pending = {"after": after, "job_id": job_id, "state": job_state(job_id)}
+    context = {"verification": verification, "pending": pending, "error": error}
+    return render(request, "audit/review.html#chain", context)

@@ -21,7 +21,7 @@ from django.utils import timezone
 import audit
 from accounts.access import TeamOwnedQuerySet
 from accounts.models import Team, slug_validator
-from audit.actions import Action
+from audit.actions import Action, Outcome
 from deployments.changes import publish
 from deployments.states import ACTIVE, State, check_transition
 
@@ -209,6 +209,8 @@ class Deployment(models.Model):
             audit.record(
                 Action.DEPLOYMENT_STATE_CHANGED,
                 target=self,
+                # An auditor filtering on "failed" must find the deployments that failed.
+                outcome=Outcome.FAILED if new == State.FAILED else Outcome.OK,
                 old=str(old),
                 new=str(new),
                 message=message,

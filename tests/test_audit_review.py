@@ -20,7 +20,7 @@ from django.utils import timezone
 import audit
 from accounts.models import Team, User
 from audit import views
-from audit.actions import Action, Outcome
+from audit.actions import Action, Outcome, grouped_choices
 from audit.jobs import SCHEDULED_VERIFY_PREFIX, schedule_verification, verify_chain
 from audit.models import AppendOnlyError, AuditEvent
 from audit.retention import PruneRefused, prune_before
@@ -479,3 +479,24 @@ def test_a_hand_set_escape_without_its_checkpoint_deletes_nothing() -> None:
             cursor.execute("DELETE FROM audit_auditevent WHERE seq <= %s", [events[1].seq])
     assert AuditEvent.objects.count() == 4
     assert verify_stored_chain().ok
+
+
+def test_the_action_filter_groups_every_action_by_subject_with_readable_labels(
+    carol: User,
+) -> None:
+    html = _client(carol).get("/audit/").content.decode()
+    groups = re.findall(r'<optgroup label="([^"]+)">', html)
+    assert groups[:2] == ["Sign-in", "Accounts and teams"]
+    assert len(groups) == len(set(groups))
+    grouped = [value for _subject, choices in grouped_choices() for value, _label in choices]
+    assert sorted(grouped) == sorted(Action.values)  # every action, once
+    assert '<option value="deployment.state_changed">Deployment state changed</option>' in html
+
+
+def test_the_review_list_shows_a_state_change_as_old_to_new(carol: User, team_a: Team) -> None:
+    target = Target("deployment", "1", "team-a/tiny")
+    audit.record(Action.DEPLOYMENT_STATE_CHANGED, target=target, team=team_a, old="loading",
+                 new="failed", outcome=Outcome.FAILED)  # fmt: skip
+    html = _client(carol).get("/audit/?outcome=failed").content.decode()
+    assert "Deployment state changed" in html
+    assert "loading → failed" in html

@@ -9,7 +9,8 @@ from playwright.sync_api import expect
 
 from accounts.models import User
 from audit.models import AuditEvent
-from tests.conftest import browser_login, screenshot
+from core.queues import get_queue
+from tests.conftest import browser_login, run_manage, screenshot, subprocess_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -62,3 +63,24 @@ def test_failed_sign_in_shows_the_reason(page: Any, alice: User) -> None:
         .inner_text()
         .startswith("Please enter a correct username and password")
     )
+
+
+@pytest.mark.redis
+def test_verify_chain_reports_its_result_in_place(page: Any, carol: User) -> None:
+    """The badge follows the job: queued (no worker yet), then the result once the default
+    worker has run it — on the same page, without a reload."""
+    get_queue("default").empty()
+    browser_login(page, "carol")
+    page.wait_for_url("**/")
+    page.goto("/audit/")
+    page.evaluate("window.__notReloaded = true")
+    status = page.locator("#chain-status")
+    expect(status).to_contain_text("Never verified")
+    page.get_by_role("button", name="Verify chain").click()
+    expect(status).to_contain_text("waiting for the default worker")
+    worker = run_manage("berth_worker", "default", "--burst", env=subprocess_env())
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    expect(status).to_contain_text("Verified", timeout=10_000)
+    expect(status).to_contain_text("events intact")
+    assert page.evaluate("window.__notReloaded") is True
+    assert AuditEvent.objects.filter(action="audit.verified", outcome="ok").count() == 1

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.test import Client
 
-from accounts.models import Team
+from accounts.models import Team, User
+from audit.models import AuditEvent
 from deployments.models import Deployment, EngineImage, GpuAllocation
 from deployments.runtime import launcher
 from deployments.states import State
@@ -262,3 +264,22 @@ def test_a_revoked_remote_code_approval_stops_the_launch_cleanly(
     assert (
         docker_client.containers.list(all=True, filters={"name": deployment.container_name}) == []
     )
+
+
+def test_an_auditor_filtering_on_failed_finds_the_failed_launch(
+    stand_in, new_deployment, carol: User
+) -> None:
+    deployment = new_deployment(stand_in(ENGINE_FAIL="cuda-oom"))
+    launcher.launch(deployment, 1)
+    watch_until(deployment, {State.FAILED})
+    failed = AuditEvent.objects.get(action="deployment.state_changed", outcome="failed")
+    assert failed.target_id == str(deployment.pk)
+    assert failed.change[1] == "failed"
+    assert not AuditEvent.objects.filter(
+        action="deployment.state_changed", outcome="ok", payload_json__contains='"new":"failed"'
+    ).exists()
+    client = Client()
+    client.force_login(carol)
+    html = client.get("/audit/?outcome=failed").content.decode()
+    assert f'<a href="/audit/events/{failed.seq}/">' in html
+    assert f"{failed.change[0]} → failed" in html  # the review shows old → new

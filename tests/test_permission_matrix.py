@@ -63,6 +63,7 @@ ROWS: dict[str, list[Row]] = {
         Row("get", (405, 405, 405, 405, 302)),
         Row("post", (403, 403, 302, 302, 302)),
     ],
+    "audit/verify/status/": [Row("get", (403, 403, 400, 400, 302))],  # without ?after=
     "audit/events/<int:seq>/": [Row("get", REVIEWER_PAGE, lambda o: {"seq": o["event"].seq})],
     # Helper-added routes (audit exports, Prometheus metrics): reviewers / token or staff.
     "audit/export.csv": [Row("get", REVIEWER_PAGE)],
