@@ -1,9 +1,12 @@
 # The two commands of the README's Quick start, and a few helpers.
 .PHONY: run test lint lock
 
+# What installs .venv; BOOTSTRAP=: skips it (the tests run make run on an installed .venv).
+BOOTSTRAP = scripts/bootstrap
+
 # Bring up the console (embedded SQLite + local Redis) with a worker, until Ctrl-C.
 run:
-	@scripts/bootstrap runtime
+	@$(BOOTSTRAP) runtime
 	@.venv/bin/python manage.py berth_up
 
 # Run the whole test suite (extra pytest arguments: make test ARGS="-k audit").

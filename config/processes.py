@@ -14,6 +14,7 @@ import ctypes.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,51 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     libc_name = ctypes.util.find_library("c")
     if libc_name and sys.platform.startswith("linux"):
         ctypes.CDLL(libc_name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_when_parent_dies() -> None:
+    """Ask Linux to send this process SIGTERM when its parent exits. ``make`` does not pass a
+    signal on to its recipe: ``kill <make's pid>`` ends make alone and would leave the console
+    running; with this, the console stops as it does on Ctrl-C. Elsewhere, a no-op."""
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent exited before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+MAKE_NAMES = frozenset({"make", "gmake"})
+FATAL_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+
+
+def parent_make_is_stopping() -> bool:
+    """True when this process's parent is GNU make handling a fatal signal. make passes SIGTERM
+    on to its recipe, but on SIGINT it only waits for the recipe to end (a terminal's Ctrl-C
+    reaches the whole process group), so ``kill -INT <make's pid>`` would wait forever. While
+    make's handler runs, the kernel blocks the signal being handled: ``SigBlk`` in
+    /proc/<pid>/status shows it. Linux only; elsewhere, False."""
+    proc = Path("/proc") / str(os.getppid())
+    try:
+        if (proc / "comm").read_text().strip() not in MAKE_NAMES:
+            return False
+        status = (proc / "status").read_text()
+    except OSError:
+        return False
+    blocked = next((line for line in status.splitlines() if line.startswith("SigBlk:")), "")
+    mask = int(blocked.split()[1], 16) if blocked else 0
+    return any(mask & (1 << (sig - 1)) for sig in FATAL_SIGNALS)
+
+
+def port_in_use(bind: str, port: int) -> bool:
+    """True when nothing could listen on ``bind:port`` now (another server holds it)."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: SO_REUSEADDR, so a port in TIME_WAIT is not reported as taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bind, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass

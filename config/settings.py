@@ -273,7 +273,12 @@ USE_I18N = False
 USE_TZ = True
 
 # --- Logging --------------------------------------------------------------------------------
-LOG_LEVEL = env_choice("LOG_LEVEL", ("debug", "info", "warning", "error"), default="info").upper()
+_LOG_LEVEL_GIVEN = env_choice("LOG_LEVEL", ("debug", "info", "warning", "error"), default="")
+LOG_LEVEL = (_LOG_LEVEL_GIVEN or "info").upper()
+# RQ writes two or three INFO lines per job; a serving deployment's watch job runs every
+# second, which scrolled make run's first-run admin login off the screen. Its workers log at
+# WARNING unless LOG_LEVEL is set.
+RQ_LOG_LEVEL = LOG_LEVEL if _LOG_LEVEL_GIVEN else "WARNING"
 LOG_FORMAT = env_choice("LOG_FORMAT", ("text", "json"), default="text")
 LOGGING = {
     "version": 1,
@@ -296,7 +301,9 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "INFO"},
         # RQ adds its own handler unless the logger has one: give it ours, once.
-        "rq.worker": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "rq.worker": {"handlers": ["console"], "level": RQ_LOG_LEVEL, "propagate": False},
+        "rq.job": {"handlers": ["console"], "level": RQ_LOG_LEVEL, "propagate": False},
+        "rq.scheduler": {"level": RQ_LOG_LEVEL},
     },
 }
 

@@ -42,9 +42,9 @@ def _free_port() -> int:
 class Console:
     """A running ``berth_up`` whose output is read line by line in the background."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], argv: list[str] | None = None):
         self.process = subprocess.Popen(
-            [sys.executable, str(BASE_DIR / "manage.py"), "berth_up"],
+            argv or [sys.executable, str(BASE_DIR / "manage.py"), "berth_up"],
             env=env,
             cwd=BASE_DIR,
             stdout=subprocess.PIPE,
@@ -53,7 +53,8 @@ class Console:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
 
     def _pump(self) -> None:
         for line in self.process.stdout:
@@ -72,6 +73,14 @@ class Console:
             if text in line:
                 return line
         raise AssertionError(f"{text!r} not seen; output so far:\n{''.join(self.output)}")
+
+    def close(self) -> None:
+        """Kill it if it still runs; read to the end of its output, then close the pipe."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.pump.join(timeout=10)
+        self.process.stdout.close()
 
     def rest(self) -> str:
         while not self.lines.empty():
@@ -99,10 +108,7 @@ def console(console_env: dict[str, str]) -> Iterator[Console]:
     console_env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     running = Console(console_env)
     yield running
-    if running.process.poll() is None:
-        running.process.kill()
-        running.process.wait(timeout=10)
-    running.process.stdout.close()
+    running.close()
 
 
 def _alive(pid: int) -> bool:

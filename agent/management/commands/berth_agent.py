@@ -110,7 +110,7 @@ class Command(BaseCommand):
         loop.start()
         connections.close_all()
         try:
-            worker.work(with_scheduler=True, logging_level=settings.LOG_LEVEL)
+            worker.work(with_scheduler=True, logging_level=settings.RQ_LOG_LEVEL)
         finally:
             loop.stop()
             loop.join(timeout=settings.BERTH_GPU_PROBE_TIMEOUT_S)

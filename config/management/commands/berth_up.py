@@ -19,11 +19,17 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from accounts.models import User
+from config.env import env_secret, env_str
+from config.management.commands.berth_demo import MEMBER as DEMO_MEMBER
 from config.processes import (
     Supervisor,
     child_environment,
     local_redis_argv,
+    parent_make_is_stopping,
+    port_in_use,
     redis_reachable,
+    stop_when_parent_dies,
     wait_until,
 )
 from core.queues import DEFAULT_QUEUE
@@ -80,11 +86,19 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, bind: str, port: int, demo: bool, **options: Any) -> None:
+        if port_in_use(bind, port):
+            raise CommandError(
+                f"port {port} on {bind} is in use (another Berth, or another server?). "
+                f"Set BERTH_PORT to a free one, e.g. BERTH_PORT={_next_port(port)} make run, "
+                "or stop what listens there.",
+                returncode=2,
+            )
         supervisor = Supervisor()
         previous = {
             sig: signal.signal(sig, self._raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)
         }
         try:
+            stop_when_parent_dies()
             self._run(supervisor, bind, port, demo)
         except Stop:
             self.stdout.write("Stopping Berth…")
@@ -105,11 +119,11 @@ class Command(BaseCommand):
         base_dir = Path(settings.BASE_DIR)
         self._ensure_redis(supervisor, base_dir)
         call_command("migrate", interactive=False, verbosity=1)
-        call_command("ensure_admin")
+        logins = [_admin_login()]
         if demo:
             # Before the agent starts: the demo registers this machine, whose agent then runs
             # the launches (they go to the host's queue, host:<name>).
-            call_command("berth_demo")
+            logins.append(_demo_login())
         env = child_environment()
         manage = str(base_dir / "manage.py")
         worker = supervisor.start(
@@ -154,9 +168,19 @@ class Command(BaseCommand):
                 "  No engine image is allow-listed yet. To try a first deployment without a GPU, "
                 "run BERTH_DEMO=1 make run (or manage.py berth_demo): stand-in engine, not vLLM."
             )
+        for login in logins:
+            self.stdout.write(f"  {login}")
+        self.stdout.write(
+            f"  Another port: BERTH_PORT={_next_port(port)} make run (BERTH_BIND for the address)."
+        )
         self.stdout.write("  Press Ctrl-C to stop.")
         self.stdout.flush()
-        wait_until(lambda: supervisor.first_exited() is not None, float("inf"))
+        wait_until(
+            lambda: supervisor.first_exited() is not None or parent_make_is_stopping(),
+            float("inf"),
+        )
+        if supervisor.first_exited() is None:
+            raise Stop  # make was told to stop but waits for this process to end
         supervisor.failed = supervisor.first_exited().name
 
     def _local_gpu_host(self) -> str | None:
@@ -197,6 +221,38 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Started redis-server for {url} (pid {redis.process.pid}, data in var/redis)."
         )
+
+
+def _admin_login() -> str:
+    """Create the first admin (``ensure_admin`` prints a generated password once); returns
+    the closing banner's line saying where that password is."""
+    username = env_str("BERTH_ADMIN_USERNAME", "admin")
+    existed = User.objects.filter(username=username).exists()
+    call_command("ensure_admin")
+    if existed:
+        return _signed_in_as(username, "set on an earlier run")
+    if env_secret("BERTH_ADMIN_PASSWORD") is not None:
+        return _signed_in_as(username, "from BERTH_ADMIN_PASSWORD")
+    return _signed_in_as(username, "printed above under 'Created the first admin account'")
+
+
+def _demo_login() -> str:
+    """Run ``berth_demo``, which prints its member's generated password once."""
+    existed = User.objects.filter(username=DEMO_MEMBER).exists()
+    call_command("berth_demo")
+    where = "set on an earlier run" if existed else "printed above under 'The demo is ready'"
+    return _signed_in_as(DEMO_MEMBER, where)
+
+
+def _signed_in_as(username: str, where: str) -> str:
+    return (
+        f"Sign in as {username}: password {where} "
+        f"(lost it? .venv/bin/python manage.py changepassword {username})."
+    )
+
+
+def _next_port(port: int) -> int:
+    return port + 1 if port < 65535 else 8001
 
 
 def _has_engine_images() -> bool:

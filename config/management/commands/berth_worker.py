@@ -62,4 +62,4 @@ class Command(BaseCommand):
         )
         # The work horse is forked per job: it must not inherit this process's DB sockets.
         connections.close_all()
-        worker.work(burst=burst, with_scheduler=with_scheduler, logging_level=settings.LOG_LEVEL)
+        worker.work(burst=burst, with_scheduler=with_scheduler, logging_level=settings.RQ_LOG_LEVEL)
