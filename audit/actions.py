@@ -72,6 +72,7 @@ SUBJECTS: dict[str, str] = {
     "auth": "Sign-in",
     "account": "Accounts and teams",
     "team": "Accounts and teams",
+    "apikey": "API keys",
     "deployment": "Deployments",
     "image": "Deployments",
     "model": "Models and storage",
@@ -84,12 +85,16 @@ SUBJECTS: dict[str, str] = {
     "audit": "The audit trail",
 }
 
+OTHER_SUBJECT = "Other"
+
 
 def grouped_choices() -> list[tuple[str, list[tuple[str, str]]]]:
     """Every action as ``(value, label)``, grouped by subject (for an ``<optgroup>`` select)."""
     groups: dict[str, list[tuple[str, str]]] = {subject: [] for subject in SUBJECTS.values()}
+    groups[OTHER_SUBJECT] = []
     for action in Action:
-        groups[SUBJECTS[action.value.split(".", 1)[0]]].append((action.value, action.label))
+        subject = SUBJECTS.get(action.value.split(".", 1)[0], OTHER_SUBJECT)
+        groups[subject].append((action.value, action.label))
     return [(subject, choices) for subject, choices in groups.items() if choices]
 
 
