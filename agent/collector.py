@@ -11,11 +11,9 @@ import logging
 import threading
 import time
 
-from django.conf import settings
 from django.db import close_old_connections, connection
 
-from core import queues
-from core.queues import get_queue
+from agent.scheduler import PeriodicJobs
 from gpus.inventory import heartbeat
 from gpus.models import Host
 from gpus.readings import Collection, Source
@@ -23,13 +21,11 @@ from gpus.rounds import collect_round
 
 log = logging.getLogger(__name__)
 
-COMPACT_EVERY_S = 3600
-
 
 class CollectorLoop(threading.Thread):
     """Collect every ``interval_s`` (and beat the heart on a thread of its own) until
-    :meth:`stop`; enqueue the hourly history compaction on the host's own queue. A failing
-    round is logged, never fatal."""
+    :meth:`stop`; after each round, enqueue the registered periodic jobs that are due
+    (``core.periodic``). A failing round is logged, never fatal."""
 
     def __init__(
         self, host: Host, *, interval_s: float, sources: tuple[str, ...] = Source.ORDER
@@ -40,9 +36,7 @@ class CollectorLoop(threading.Thread):
         self.sources = sources
         self.rounds = 0
         self._stopping = threading.Event()
-        self._next_compaction = time.monotonic()
-        self._next_gc: float | None = None
-        self._next_reconcile = time.monotonic()
+        self.periodic = PeriodicJobs(host)
         self._last_problem = ""
 
     def stop(self) -> None:
@@ -80,9 +74,7 @@ class CollectorLoop(threading.Thread):
         try:
             collection = collect_round(self.host, sources=self.sources)
             self._log_outcome(collection)
-            self._maybe_compact()
-            self._maybe_collect_garbage()
-            self._maybe_reconcile()
+            self.periodic.tick()
         except Exception:
             log.exception("collection round failed on %s", self.host.name)
         self.rounds += 1
@@ -101,36 +93,3 @@ class CollectorLoop(threading.Thread):
         elif not problem and self._last_problem:
             log.warning("inventory available again on %s", self.host.name)
         self._last_problem = problem
-
-    def _maybe_compact(self) -> None:
-        if time.monotonic() < self._next_compaction:
-            return
-        self._next_compaction = time.monotonic() + COMPACT_EVERY_S
-        queues.enqueue(
-            get_queue(self.host.queue_name), "gpus.jobs.compact_host_history", self.host.pk
-        )
-
-    def _maybe_reconcile(self) -> None:
-        """On start and every BERTH_RECONCILE_INTERVAL_S: containers vs records, by job name."""
-        if time.monotonic() < self._next_reconcile:
-            return
-        self._next_reconcile = time.monotonic() + settings.BERTH_RECONCILE_INTERVAL_S
-        queues.enqueue(
-            get_queue(self.host.queue_name), "deployments.runtime.jobs.reconcile_job", self.host.pk
-        )
-
-    def _maybe_collect_garbage(self) -> None:
-        """Daily (BERTH_GC_INTERVAL_H) Docker garbage collection on this host, by job name:
-        the deployments app owns it, and gpus never imports deployments."""
-        interval_s = settings.BERTH_GC_INTERVAL_H * 3600
-        if not interval_s:
-            return
-        if self._next_gc is None:
-            self._next_gc = time.monotonic() + interval_s  # not at start: let engines settle
-            return
-        if time.monotonic() < self._next_gc:
-            return
-        self._next_gc = time.monotonic() + interval_s
-        queues.enqueue(
-            get_queue(self.host.queue_name), "deployments.runtime.jobs.gc_job", self.host.pk
-        )

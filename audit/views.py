@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 import audit
 from audit import chain, filters
 from audit.actions import Action, Outcome
+from audit.jobs import verify_chain
 from audit.models import AuditEvent
 from audit.verification import job_state, latest_status
 from core.queues import enqueue
@@ -225,7 +226,7 @@ def request_verification(request: HttpRequest) -> HttpResponse:
     queue = django_rq.get_queue("default")
     try:
         queue.connection.ping()
-        job_id = enqueue(queue, "audit.jobs.verify_chain", job_timeout=3600)
+        job_id = enqueue(queue, verify_chain, job_timeout=3600)
     except RedisError as exc:
         audit.record(Action.AUDIT_VERIFY_REQUESTED, outcome=Outcome.FAILED, error=str(exc)[:500])
         error = f"Could not queue the verification: Redis is unreachable ({exc})."

@@ -364,8 +364,8 @@ BERTH_RECONCILE_INTERVAL_S = env_int("BERTH_RECONCILE_INTERVAL_S", 60, minimum=5
 BERTH_STOP_TIMEOUT_S = env_int("BERTH_STOP_TIMEOUT_S", 30, minimum=1, maximum=600)
 
 # --- Audit trail -----------------------------------------------------------------------------
-# The default worker verifies the whole hash chain this often and audits the result (0: never;
-# "Verify chain" on the review page still works).
+# The whole hash chain is verified this often (an agent books it, the default worker runs it)
+# and the result audited (0: never; "Verify chain" on the review page still works).
 BERTH_AUDIT_VERIFY_INTERVAL_H = env_int(
     "BERTH_AUDIT_VERIFY_INTERVAL_H", default=24, minimum=0, maximum=24 * 30
 )

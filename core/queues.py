@@ -20,7 +20,8 @@ from django.db import close_old_connections, transaction
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.job import Job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from core import context
 
@@ -85,3 +86,12 @@ def enqueue(
 
     transaction.on_commit(push)
     return job_id
+
+
+def is_pending(queue: Queue, job_id: str) -> bool:
+    """Whether the job ``job_id`` is still to run (queued, scheduled, deferred) or running."""
+    try:
+        status = Job.fetch(job_id, connection=queue.connection).get_status()
+    except NoSuchJobError:
+        return False
+    return status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)

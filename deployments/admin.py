@@ -1,5 +1,6 @@
 """Admin pages: the engine image allow-list is managed here (audited); deployments are read-only
-(they change through the console's audited actions)."""
+(they change through the console's audited actions). The GPU host admin gains the garbage
+collection action here: the deployments app owns the containers it removes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from django.contrib import admin
 
 import audit
 from audit.actions import Action
+from core.queues import enqueue, get_queue
 from deployments.models import Deployment, DeploymentEvent, EngineImage
+from deployments.runtime.jobs import gc_job
+from gpus.admin import HostAdmin as InventoryHostAdmin
+from gpus.models import Host
 
 
 @admin.register(EngineImage)
@@ -54,3 +59,18 @@ class DeploymentAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: Any, obj: Deployment | None = None) -> bool:
         return False
+
+
+admin.site.unregister(Host)
+
+
+@admin.register(Host)
+class HostAdmin(InventoryHostAdmin):
+    actions = ["collect_garbage"]
+
+    @admin.action(description="Collect Docker garbage now (builder cache, stopped engines)")
+    def collect_garbage(self, request: Any, queryset: Any) -> None:
+        for host in queryset:
+            job_id = enqueue(get_queue(host.queue_name), gc_job, host.pk)
+            audit.record(Action.GC_REQUESTED, target=host, job_id_queued=job_id)
+        self.message_user(request, f"Garbage collection queued on {queryset.count()} host(s).")

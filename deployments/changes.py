@@ -16,15 +16,15 @@ from django.conf import settings
 from django.db import transaction
 from redis.exceptions import RedisError
 
+from core import naming
 from core.queues import redis_connection
 
 logger = logging.getLogger(__name__)
 
 
 def channel(deployment_pk: int) -> str:
-    """Pub/sub channels are server-wide (no database number applies), so the name carries the
-    instance: two consoles — or a test run and a console — on one Redis never cross."""
-    return f"berth:{settings.BERTH_INSTANCE}:deployment:{deployment_pk}"
+    """The deployment's pub/sub channel on this console (see ``core.naming``)."""
+    return naming.deployment_channel(deployment_pk, settings.BERTH_INSTANCE)
 
 
 def publish(deployment_pk: int, kind: str = "changed") -> None:

@@ -22,6 +22,7 @@ import audit
 from accounts.access import TeamOwnedQuerySet
 from accounts.models import Team, slug_validator
 from audit.actions import Action, Outcome
+from core import naming
 from deployments.changes import publish
 from deployments.states import ACTIVE, State, check_transition
 
@@ -181,9 +182,7 @@ class Deployment(models.Model):
 
     @property
     def container_name(self) -> str:
-        from deployments.runtime.launch_spec import container_name
-
-        return container_name(self.pk, self.generation, settings.BERTH_INSTANCE)
+        return naming.container_name(self.pk, self.generation, settings.BERTH_INSTANCE)
 
     def transition(self, new: State, *, message: str = "", **data: Any) -> bool:
         """Move to ``new`` if the lifecycle allows it and nobody moved first (conditional update on

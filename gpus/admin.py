@@ -7,10 +7,6 @@ from typing import Any
 
 from django.contrib import admin
 
-import audit
-from audit.actions import Action
-from core import queues
-from core.queues import get_queue
 from gpus.models import Gpu, Host
 
 
@@ -20,20 +16,9 @@ class HostAdmin(admin.ModelAdmin):
     list_filter = ["status"]
     search_fields = ["name"]
     readonly_fields = [field.name for field in Host._meta.fields]
-    actions = ["collect_garbage"]
 
     def has_add_permission(self, request: Any) -> bool:
         return False  # through manage.py register_host, which audits it
-
-    @admin.action(description="Collect Docker garbage now (builder cache, stopped engines)")
-    def collect_garbage(self, request: Any, queryset: Any) -> None:
-        for host in queryset:
-            # By job name: the deployments app owns garbage collection.
-            job_id = queues.enqueue(
-                get_queue(host.queue_name), "deployments.runtime.jobs.gc_job", host.pk
-            )
-            audit.record(Action.GC_REQUESTED, target=host, job_id_queued=job_id)
-        self.message_user(request, f"Garbage collection queued on {queryset.count()} host(s).")
 
 
 @admin.register(Gpu)

@@ -8,3 +8,6 @@ class GpusConfig(AppConfig):
 
     name = "gpus"
     verbose_name = "GPU inventory"
+
+    def ready(self) -> None:
+        from gpus import jobs  # noqa: F401  (registers the hourly history compaction)

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from core import naming
 from gpus.readings import GpuReading, Inventory, ProcessReading
-
-DEPLOYMENT_LABEL = "berth.deployment"
 
 
 def container_pids(client: Any) -> dict[int, tuple[str, str, str]]:
@@ -31,7 +30,7 @@ def container_pids(client: Any) -> dict[int, tuple[str, str, str]]:
         if "PID" not in titles:
             continue
         column = titles.index("PID")
-        label = (container.labels or {}).get(DEPLOYMENT_LABEL, "")
+        label = naming.deployment_of(container.labels)
         for row in top.get("Processes") or []:
             try:
                 owners[int(row[column])] = (container.id, container.name, label)

@@ -29,6 +29,7 @@ from typing import Any
 
 from django.conf import settings
 
+from core import naming
 from gpus.parsers import (
     QUERY_APPS_FIELDS,
     QUERY_GPU_FIELDS,
@@ -40,7 +41,6 @@ from gpus.parsers import (
 from gpus.readings import Collection, Inventory, Source, SourceFailure
 
 SMI_TIMEOUT_S = 30
-PROBE_LABEL = "berth.probe"
 MAX_ERROR = 500
 
 
@@ -223,7 +223,7 @@ def read_docker_smi(client: Any, image: str | None = None) -> Inventory:
         command=["nvidia-smi", "-q", "-x"],
         device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])],
         environment={"NVIDIA_DRIVER_CAPABILITIES": "utility"},
-        labels={PROBE_LABEL: "gpu-inventory"},
+        labels={naming.PROBE_LABEL: "gpu-inventory"},
         network_disabled=True,
     )
     try:

@@ -8,7 +8,6 @@ from django.contrib import admin
 
 import audit
 from audit.actions import Action
-from models_registry.jobs import schedule_sync
 from models_registry.models import Model, StorageMount
 
 
@@ -40,8 +39,6 @@ class StorageMountAdmin(admin.ModelAdmin):
             sync_interval_minutes=obj.sync_interval_minutes,
             kind=obj.kind,
         )
-        if obj.sync_interval_minutes:
-            schedule_sync(obj)
 
 
 @admin.register(Model)

@@ -8,3 +8,6 @@ class ModelsRegistryConfig(AppConfig):
 
     name = "models_registry"
     verbose_name = "Model registry"
+
+    def ready(self) -> None:
+        from models_registry import jobs  # noqa: F401  (registers the periodic mount syncs)

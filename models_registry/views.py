@@ -17,6 +17,7 @@ from audit.actions import Action, Outcome
 from core.queues import enqueue
 from models_registry import services
 from models_registry.forms import RegisterModelForm
+from models_registry.jobs import SYNC_TIMEOUT_S, sync_mount_job
 from models_registry.models import Model, ModelStatus, StorageMount
 
 
@@ -111,7 +112,7 @@ def sync(request: HttpRequest, pk: int) -> HttpResponse:
     queue = django_rq.get_queue("default")
     try:
         queue.connection.ping()
-        job_id = enqueue(queue, "models_registry.jobs.sync_mount_job", mount.pk, job_timeout=3600)
+        job_id = enqueue(queue, sync_mount_job, mount.pk, job_timeout=SYNC_TIMEOUT_S)
     except RedisError as exc:
         audit.record(
             Action.MODELS_SYNC_REQUESTED, target=mount, outcome=Outcome.FAILED, error=str(exc)[:300]

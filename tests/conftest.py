@@ -251,6 +251,21 @@ def redis_client() -> Iterator[Redis]:
     client.close()
 
 
+@pytest.fixture
+def periodic_claims(redis_client: Redis) -> Iterator[Redis]:
+    """No periodic job of this test process is claimed for its interval (before and after the
+    test): each test starts as a console whose agents have just started."""
+
+    def clear() -> None:
+        keys = list(redis_client.scan_iter(f"berth:{TEST_INSTANCE}:periodic:*"))
+        if keys:
+            redis_client.delete(*keys)
+
+    clear()
+    yield redis_client
+    clear()
+
+
 def which_or_skip(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:

@@ -8,6 +8,7 @@ from django.test import Client
 from rq import Queue
 
 from accounts.models import User
+from audit.jobs import verify_chain
 from audit.models import AuditEvent
 from core.queues import enqueue, get_queue
 from tests.conftest import run_manage, subprocess_env
@@ -39,7 +40,7 @@ def test_event_in_a_job_carries_the_requesting_user_and_request_id(carol: User) 
 
 def _enqueue_then_fail(queue: Queue) -> None:
     with transaction.atomic():
-        enqueue(queue, "audit.jobs.verify_chain")
+        enqueue(queue, verify_chain)
         raise RuntimeError("abort")
 
 
@@ -48,6 +49,6 @@ def test_nothing_is_enqueued_when_the_transaction_rolls_back() -> None:
     with pytest.raises(RuntimeError, match="abort"):
         _enqueue_then_fail(queue)
     assert queue.count == 0
-    job_id = enqueue(queue, "audit.jobs.verify_chain")
+    job_id = enqueue(queue, verify_chain)
     assert queue.job_ids == [job_id]
     queue.empty()

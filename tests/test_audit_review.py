@@ -19,15 +19,17 @@ from django.utils import timezone
 
 import audit
 from accounts.models import Team, User
+from agent.scheduler import PeriodicJobs
 from audit import views
 from audit.actions import Action, Outcome, grouped_choices
-from audit.jobs import SCHEDULED_VERIFY_PREFIX, schedule_verification, verify_chain
+from audit.jobs import FIRST_RUN_AFTER_S, scheduled_verification
 from audit.models import AppendOnlyError, AuditEvent
 from audit.retention import PruneRefused, prune_before
 from audit.trail import Target
 from audit.verification import latest_status, verify_and_record, verify_stored_chain
 from core import context
 from core.queues import get_queue
+from gpus.models import Host
 from tests.conftest import run_manage, subprocess_env
 
 pytestmark = pytest.mark.django_db
@@ -315,48 +317,53 @@ def _tamper_with(seq: int) -> None:
 
 
 @pytest.mark.redis
-def test_scheduled_verification_records_its_result_and_books_the_next_run(
-    settings, redis_client
+def test_periodic_verification_is_booked_once_per_interval_and_skips_a_fresh_result(
+    settings, periodic_claims, django_capture_on_commit_callbacks
 ) -> None:
     settings.BERTH_AUDIT_VERIFY_INTERVAL_H = 6
     queue = get_queue("default")
-    first = schedule_verification(queue)
-    assert first.startswith(SCHEDULED_VERIFY_PREFIX)
-    assert schedule_verification(queue) == first  # booked once
-    queue.scheduled_job_registry.remove(first, delete_job=True)
+    queue.empty()
+    clock = [0.0]
+    first_agent = PeriodicJobs(Host.objects.create(name="agent-a"), clock=lambda: clock[0])
+    second_agent = PeriodicJobs(Host.objects.create(name="agent-b"), clock=lambda: clock[0])
+    with django_capture_on_commit_callbacks(execute=True):
+        assert not _verification(first_agent.tick() + second_agent.tick())  # just started
+        clock[0] = FIRST_RUN_AFTER_S
+        assert _verification(first_agent.tick())
+        assert not _verification(second_agent.tick())  # claimed by the first agent
+    assert [job.func for job in queue.jobs].count(scheduled_verification) == 1
+    queue.empty()
 
     audit.record(Action.GC_RAN)
-    assert verify_chain(scheduled=True)["ok"] is True
+    assert scheduled_verification()["ok"] is True
     verified = AuditEvent.objects.get(action="audit.verified")
     assert (verified.outcome, verified.payload["scheduled"]) == ("ok", True)
-    booked = queue.scheduled_job_registry.get_job_ids()
-    assert len(booked) == 1
-    assert booked[0].startswith(SCHEDULED_VERIFY_PREFIX)
-    due = queue.scheduled_job_registry.get_scheduled_time(booked[0])
-    assert timedelta(hours=5, minutes=59) < due - timezone.now() <= timedelta(hours=6)
-    queue.scheduled_job_registry.remove(booked[0], delete_job=True)
-
+    assert scheduled_verification() is None  # verified moments ago: nothing to do
     _tamper_with(1)
-    assert verify_chain(scheduled=True)["first_bad_seq"] == 1
-    failed = AuditEvent.objects.filter(action="audit.verified").latest("seq")
-    assert (failed.outcome, failed.payload["first_bad_seq"]) == ("failed", 1)
-    assert len(queue.scheduled_job_registry.get_job_ids()) == 1  # booked again after a failure
-    queue.scheduled_job_registry.remove(
-        queue.scheduled_job_registry.get_job_ids()[0], delete_job=True
-    )
+    later = timezone.now() + timedelta(hours=4)
+    assert scheduled_verification(now=later)["first_bad_seq"] == 1
     settings.BERTH_AUDIT_VERIFY_INTERVAL_H = 0
-    assert schedule_verification(queue) is None
+    clock[0] += settings.BERTH_AUDIT_VERIFY_INTERVAL_H * 3600
+    with django_capture_on_commit_callbacks(execute=True):
+        assert not _verification(first_agent.tick())
+
+
+def _verification(names: list[str]) -> bool:
+    return any(name.endswith(".scheduled_verification") for name in names)
 
 
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
-def test_default_worker_books_and_runs_the_scheduled_verification() -> None:
+def test_an_agent_books_the_verification_and_the_default_worker_runs_it(periodic_claims) -> None:
     audit.record(Action.GC_RAN)
     queue = get_queue("default")
-    schedule_verification(queue, delay=timedelta(0))  # due now
-    worker = run_manage(
-        "berth_worker", "default", "--burst", "--with-scheduler", env=subprocess_env()
-    )
+    queue.empty()
+    clock = [0.0]
+    agent = PeriodicJobs(Host.objects.create(name="verifier"), clock=lambda: clock[0])
+    agent.tick()
+    clock[0] = FIRST_RUN_AFTER_S
+    assert _verification(agent.tick())
+    worker = run_manage("berth_worker", "default", "--burst", env=subprocess_env())
     assert worker.returncode == 0, worker.stdout + worker.stderr
     verified = AuditEvent.objects.get(action="audit.verified")
     assert (verified.outcome, verified.actor_kind, verified.payload["scheduled"]) == (
@@ -364,10 +371,6 @@ def test_default_worker_books_and_runs_the_scheduled_verification() -> None:
         "job",
         True,
     )
-    booked = queue.scheduled_job_registry.get_job_ids()
-    assert len(booked) == 1
-    assert booked[0].startswith(SCHEDULED_VERIFY_PREFIX)
-    queue.scheduled_job_registry.remove(booked[0], delete_job=True)
 
 
 # --- retention ---------------------------------------------------------------------------------

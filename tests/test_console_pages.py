@@ -22,6 +22,7 @@ from config.templatetags.berth_time import (
 from core.queues import get_queue
 from deployments.models import Deployment, DeploymentEvent
 from deployments.states import State
+from models_registry.jobs import sync_mount_job
 from models_registry.models import StorageMount
 from models_registry.sync import sync_mount
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
@@ -114,7 +115,7 @@ def test_a_running_sync_shows_progress_and_refreshes_then_its_result(
         host_path="/mnt/ceph", container_path="/models",
     )  # fmt: skip
     write_model(tmp_path / "team-a" / "tiny")
-    get_queue("default").enqueue("models_registry.jobs.sync_mount_job", mount.pk)
+    get_queue("default").enqueue(sync_mount_job, mount.pk)
     html = client_for(admin).get("/models/").content.decode()
     assert "Sync queued" in html
     assert 'hx-trigger="every 2s"' in html

@@ -14,8 +14,9 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from audit.models import AuditEvent
+from core.naming import DEPLOYMENT_LABEL
 from gpus import inventory
-from gpus.attribution import DEPLOYMENT_LABEL, attribute, memory_split
+from gpus.attribution import attribute, memory_split
 from gpus.hosts import register_host
 from gpus.models import GpuSnapshot, Host, HostStatus, Resolution
 from gpus.parsers import parse_any, parse_query_csv

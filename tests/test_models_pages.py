@@ -177,17 +177,20 @@ def test_sync_job_runs_in_a_real_worker_as_the_admin_who_asked(admin: User, tmp_
 
 
 @pytest.mark.redis
-def test_periodic_sync_is_booked_once_per_mount(ceph: StorageMount) -> None:
+def test_periodic_sync_is_booked_once_per_mount_and_interval(
+    ceph: StorageMount, periodic_claims: Any, django_capture_on_commit_callbacks: Any
+) -> None:
     import django_rq
 
-    from models_registry.jobs import schedule_sync
+    from models_registry.jobs import sync_due_mounts, sync_mount_job
 
-    assert schedule_sync(ceph) is None  # interval 0: manual only
+    queue = django_rq.get_queue("default")
+    queue.empty()
+    assert sync_due_mounts() == []  # interval 0: manual only
     ceph.sync_interval_minutes = 30
     ceph.save()
-    queue = django_rq.get_queue("default")
-    first, second = schedule_sync(ceph), schedule_sync(ceph)
-    assert first == second == f"sync-mount-{ceph.pk}"
-    scheduled = queue.scheduled_job_registry.get_job_ids()
-    assert scheduled.count(first) == 1
-    queue.scheduled_job_registry.remove(first, delete_job=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        first, second = sync_due_mounts(), sync_due_mounts()
+    assert (first, second) == ([f"sync-mount-{ceph.pk}"], [])
+    assert [(job.func, job.args) for job in queue.jobs] == [(sync_mount_job, (ceph.pk,))]
+    queue.empty()

@@ -25,6 +25,7 @@ import pytest
 from redis import Redis
 from rq import Queue
 
+from audit.jobs import verify_chain
 from tests.conftest import BASE_DIR, clean_environ, run_manage, which_or_skip
 
 pytestmark = pytest.mark.redis
@@ -139,7 +140,7 @@ def test_berth_up_starts_redis_worker_and_web_and_ctrl_c_stops_them_all(
 
     # The worker it started runs jobs: the chain verification lands in the console's database.
     redis = Redis.from_url(console_env["REDIS_URL"])
-    Queue("default", connection=redis).enqueue("audit.jobs.verify_chain")
+    Queue("default", connection=redis).enqueue(verify_chain)
     database = Path(console_env["DATABASE_URL"].removeprefix("sqlite:///"))
     assert _wait(lambda: _count(database, "audit.verified") == 1, 30), console.rest()
     assert _count(database, "account.admin_created") == 1

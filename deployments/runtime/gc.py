@@ -23,6 +23,7 @@ from django.conf import settings
 
 import audit
 from audit.actions import Action, Outcome
+from core import naming
 
 BUILDER_PRUNE_TIMEOUT_S = 300
 DEFAULT_BUILDER_AGE_HOURS = 24
@@ -108,11 +109,9 @@ def remove_exited_containers(
     their names. Containers of another Berth instance on the same engine are not touched."""
     removed = []
     for status in ("exited", "dead", "created"):
-        label = f"berth.instance={instance}"
-        for container in client.containers.list(
-            all=True, filters={"label": label, "status": status}
-        ):
-            if container.labels.get("berth.deployment") in live_deployments:
+        filters = {**naming.instance_filter(instance), "status": status}
+        for container in client.containers.list(all=True, filters=filters):
+            if naming.deployment_of(container.labels) in live_deployments:
                 continue
             container.remove(v=False, force=True)
             removed.append(container.name)

@@ -7,6 +7,7 @@ duplicate cannot fork the chain.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
@@ -14,24 +15,30 @@ from django.conf import settings
 from rq import get_current_job
 
 import docker
+from core import naming
+from core.periodic import Scope, system_job
 from core.queues import enqueue, get_queue
 from deployments.models import Deployment
 from deployments.runtime import launcher
+from deployments.runtime.gc import collect
+from deployments.runtime.reconcile import reconcile_host
 from deployments.states import State
+from gpus.collectors import docker_client
+from gpus.models import Host
 
 LAUNCH_TIMEOUT_S = 900  # creating and starting a container; the load itself is watched
 STOP_TIMEOUT_S = 600
 
 
 def _enqueue_for(deployment: Deployment, kind: str, timeout_s: int) -> str:
-    """Queue ``<kind>_job`` for the deployment's current generation on its host's queue (on
-    commit), under the id reconcile looks for: ``<kind>-<pk>-<generation>``."""
+    """Queue the ``kind`` job for the deployment's current generation on its host's queue (on
+    commit), under the id reconcile looks for (``core.naming.deployment_job_id``)."""
     return enqueue(
         get_queue(deployment.host.queue_name),
-        f"deployments.runtime.jobs.{kind}_job",
+        DEPLOYMENT_JOBS[kind],
         deployment.pk,
         deployment.generation,
-        job_id=f"{kind}-{deployment.pk}-{deployment.generation}",
+        job_id=naming.deployment_job_id(kind, deployment.pk, deployment.generation),
         job_timeout=timeout_s,
     )
 
@@ -46,6 +53,14 @@ def enqueue_stop(deployment: Deployment) -> str:
 
 def enqueue_delete(deployment: Deployment) -> str:
     return _enqueue_for(deployment, "delete", STOP_TIMEOUT_S)
+
+
+def resume(kind: str, deployment: Deployment) -> None:
+    """Enqueue a deployment's lost ``launch``/``stop``/``watch`` job again (for reconcile)."""
+    if kind == "watch":
+        book_watch(deployment, delay_s=0)
+    else:
+        _enqueue_for(deployment, kind, LAUNCH_TIMEOUT_S if kind == "launch" else STOP_TIMEOUT_S)
 
 
 def launch_job(deployment_pk: int, generation: int) -> str:
@@ -80,11 +95,22 @@ def stop_job(deployment_pk: int, generation: int) -> str:
     return launcher.stop(deployment, generation)
 
 
+DEPLOYMENT_JOBS = {
+    "launch": launch_job,
+    "watch": watch_job,
+    "stop": stop_job,
+    "delete": delete_job,
+}
+
+
+def _gc_interval_s() -> float:
+    return settings.BERTH_GC_INTERVAL_H * 3600
+
+
+# Not at the agent's start: engines that were running settle first.
+@system_job(every=_gc_interval_s, scope=Scope.HOST, first_after_s=None)
 def gc_job(host_pk: int) -> dict:
     """Garbage-collect one host's Docker engine, keeping what live deployments use."""
-    from deployments.runtime.gc import collect
-    from gpus.models import Host
-
     host = Host.objects.get(pk=host_pk)
     live_ids = Deployment.objects.active().filter(host=host).values_list("pk", flat=True)
     live = {str(pk) for pk in live_ids}
@@ -96,24 +122,18 @@ def gc_job(host_pk: int) -> dict:
     return {"bytes_reclaimed": result.bytes_reclaimed, "errors": result.errors}
 
 
+@system_job(every=lambda: settings.BERTH_RECONCILE_INTERVAL_S, scope=Scope.HOST)
 def reconcile_job(host_pk: int) -> dict:
     """Reconcile one host's containers with the records (on agent start and on a schedule)."""
-    from dataclasses import asdict
-
-    from deployments.runtime.reconcile import reconcile_host
-    from gpus.models import Host
-
     host = Host.objects.get(pk=host_pk)
     client = _host_client(host)
     try:
-        return asdict(reconcile_host(host, client))
+        return asdict(reconcile_host(host, client, resume=resume))
     finally:
         client.close()
 
 
 def _host_client(host: Any) -> docker.DockerClient:
-    from gpus.collectors import docker_client
-
     return docker_client(host.docker_endpoint)
 
 
@@ -124,10 +144,10 @@ def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:
     delay = settings.BERTH_MONITOR_INTERVAL_S if delay_s is None else delay_s
     queue.enqueue_in(
         timedelta(seconds=delay),
-        "deployments.runtime.jobs.watch_job",
+        watch_job,
         deployment.pk,
         deployment.generation,
-        job_id=f"watch-{deployment.pk}-{deployment.generation}",
+        job_id=naming.deployment_job_id("watch", deployment.pk, deployment.generation),
         meta=dict(job.meta) if job is not None else {},
         job_timeout=120,
     )

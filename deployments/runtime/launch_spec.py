@@ -23,10 +23,11 @@ from typing import Any
 
 from docker.types import DeviceRequest, Mount
 
+from core import naming
+
 ENGINE_PORT = 8000  # vLLM's default --port; fixed inside the container
 CACHE_TARGET = "/berth-cache"  # the writable per-deployment volume (field report, lesson 6)
 NANOSECONDS = 10**9
-LABEL_PREFIX = "berth."
 # Kept small so a runaway engine cannot fill the host's disk with logs.
 LOG_CONFIG = {"type": "json-file", "config": {"max-size": "100m", "max-file": "3"}}
 PIDS_LIMIT = 4096  # vLLM with TP=8 runs a few hundred threads; this stops fork bombs only
@@ -74,16 +75,11 @@ class LaunchSpec:
 
     @property
     def container_name(self) -> str:
-        return container_name(self.deployment_id, self.generation, self.instance)
+        return naming.container_name(self.deployment_id, self.generation, self.instance)
 
     @property
     def cache_volume(self) -> str:
-        return f"{self.instance}-cache-{self.deployment_id}"
-
-
-def container_name(deployment_id: int, generation: int, instance: str = "berth") -> str:
-    """Deterministic, so a retried launch finds the container an earlier attempt created."""
-    return f"{instance}-{deployment_id}-g{generation}"
+        return naming.cache_volume(self.deployment_id, self.instance)
 
 
 def engine_command(spec: LaunchSpec) -> list[str]:
@@ -178,16 +174,6 @@ def environment(spec: LaunchSpec) -> dict[str, str]:
     }
 
 
-def labels(spec: LaunchSpec) -> dict[str, str]:
-    return {
-        f"{LABEL_PREFIX}managed": "true",
-        f"{LABEL_PREFIX}instance": spec.instance,
-        f"{LABEL_PREFIX}deployment": str(spec.deployment_id),
-        f"{LABEL_PREFIX}generation": str(spec.generation),
-        f"{LABEL_PREFIX}team": spec.team,
-    }
-
-
 def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
     """The complete keyword arguments for ``client.containers.create`` (see module docstring)."""
     kwargs: dict[str, Any] = {
@@ -196,7 +182,12 @@ def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
         "name": spec.container_name,
         "detach": True,
         "init": True,
-        "labels": labels(spec),
+        "labels": naming.labels(
+            instance=spec.instance,
+            deployment_id=spec.deployment_id,
+            generation=spec.generation,
+            team=spec.team,
+        ),
         "environment": environment(spec),
         "mounts": [
             Mount(

@@ -26,6 +26,7 @@ from django.utils import timezone
 import audit
 import docker
 from audit.actions import Action
+from core import naming
 from deployments.changes import publish
 from deployments.models import Deployment, DeploymentEvent, EventKind
 from deployments.runtime import allocation, host_checks
@@ -518,13 +519,13 @@ def delete(deployment: Deployment, generation: int) -> str:
     if deployment.generation != generation or deployment.state not in (State.FAILED, State.STOPPED):
         return "nothing to do: the deployment was restarted meanwhile"
     client = docker_client(deployment)
-    label = f"berth.instance={settings.BERTH_INSTANCE}"
     removed = []
-    for container in client.containers.list(all=True, filters={"label": label}):
-        if container.labels.get("berth.deployment") == str(deployment.pk):
+    ours = naming.instance_filter(settings.BERTH_INSTANCE)
+    for container in client.containers.list(all=True, filters=ours):
+        if naming.deployment_of(container.labels) == str(deployment.pk):
             container.remove(force=True)
             removed.append(container.name)
-    volume_name = f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"
+    volume_name = naming.cache_volume(deployment.pk, settings.BERTH_INSTANCE)
     with contextlib.suppress(docker.errors.NotFound):
         client.volumes.get(volume_name).remove(force=True)
     with transaction.atomic():

@@ -12,6 +12,7 @@ Everything it does is audited; a run that finds nothing to do writes one ``recon
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +23,8 @@ from django.utils.dateparse import parse_datetime
 
 import audit
 from audit.actions import Action
+from core import naming
+from core.queues import get_queue, is_pending
 from deployments.models import Deployment, GpuAllocation
 from deployments.runtime import allocation
 from deployments.runtime.launcher import fail
@@ -39,20 +42,27 @@ class ReconcileResult:
     jobs_resumed: list[str] = field(default_factory=list)
 
 
-def reconcile_host(host: Any, client: Any, *, now: datetime | None = None) -> ReconcileResult:
-    """Bring one host's containers and records into agreement (see the module docstring)."""
+def reconcile_host(
+    host: Any,
+    client: Any,
+    *,
+    resume: Callable[[str, Deployment], Any],
+    now: datetime | None = None,
+) -> ReconcileResult:
+    """Bring one host's containers and records into agreement (see the module docstring).
+    ``resume(kind, deployment)`` enqueues a lost ``launch``/``stop``/``watch`` job again."""
     now = now or timezone.now()
     result = ReconcileResult()
     containers = client.containers.list(
-        all=True, filters={"label": f"berth.instance={settings.BERTH_INSTANCE}"}
+        all=True, filters=naming.instance_filter(settings.BERTH_INSTANCE)
     )
     by_deployment: dict[str, list[Any]] = {}
     for container in containers:
-        by_deployment.setdefault(container.labels.get("berth.deployment", ""), []).append(container)
+        by_deployment.setdefault(naming.deployment_of(container.labels), []).append(container)
     _remove_orphans(host, by_deployment, now, result)
     _fail_vanished(host, by_deployment, now, result)
     result.allocations_released = _release_stray_allocations(host)
-    result.jobs_resumed = _resume_lost_jobs(host, now)
+    result.jobs_resumed = _resume_lost_jobs(host, now, resume)
     audit.record(Action.RECONCILE_RAN, host=host.name, **asdict(result))
     return result
 
@@ -69,7 +79,7 @@ def _remove_orphans(
                 pk=int(deployment_id) if deployment_id.isdigit() else -1,
                 host=host,
                 state__in=ACTIVE,
-                generation=int(container.labels.get("berth.generation", "0") or 0),
+                generation=naming.generation_of(container.labels),
             ).exists()
             if live:
                 continue
@@ -80,7 +90,7 @@ def _remove_orphans(
                 host=host.name,
                 container=container.name,
                 deployment=deployment_id,
-                generation=container.labels.get("berth.generation"),
+                generation=naming.generation_of(container.labels),
             )
 
 
@@ -112,18 +122,12 @@ WAITING_FOR = {
 }
 
 
-def _resume_lost_jobs(host: Any, now: datetime) -> list[str]:
+def _resume_lost_jobs(
+    host: Any, now: datetime, resume: Callable[[str, Deployment], Any]
+) -> list[str]:
     """Re-enqueue the job a deployment waits for when it is gone from Redis (its worker was
     killed, or Redis lost it): the launch adopts the container it may already have created, the
     watcher picks up where the log cursor stands."""
-    from core.queues import get_queue
-    from deployments.runtime.jobs import book_watch, enqueue_launch, enqueue_stop
-
-    resume = {
-        "launch": enqueue_launch,
-        "stop": enqueue_stop,
-        "watch": lambda d: book_watch(d, delay_s=0),
-    }
     queue = get_queue(host.queue_name)
     resumed = []
     waiting = Deployment.objects.filter(
@@ -132,24 +136,13 @@ def _resume_lost_jobs(host: Any, now: datetime) -> list[str]:
     for deployment in waiting.select_related("host"):
         state = State(deployment.state)
         kind = WAITING_FOR.get(state, "watch")
-        job_id = f"{kind}-{deployment.pk}-{deployment.generation}"
-        if _pending(queue, job_id):
+        job_id = naming.deployment_job_id(kind, deployment.pk, deployment.generation)
+        if is_pending(queue, job_id):
             continue
-        resume[kind](deployment)
+        resume(kind, deployment)
         audit.record(Action.RECONCILE_JOB_RESUMED, target=deployment, job=job_id, state=str(state))
         resumed.append(job_id)
     return resumed
-
-
-def _pending(queue: Any, job_id: str) -> bool:
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job, JobStatus
-
-    try:
-        status = Job.fetch(job_id, connection=queue.connection).get_status()
-    except NoSuchJobError:
-        return False
-    return status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 
 
 def _release_stray_allocations(host: Any) -> int:

@@ -14,7 +14,6 @@ from django.db import connections
 from redis.exceptions import RedisError
 from rq import SimpleWorker, Worker
 
-from audit.jobs import schedule_verification
 from core.queues import DEFAULT_QUEUE, ContextJob, get_queue, redis_connection
 
 
@@ -50,10 +49,6 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Redis is not reachable at REDIS_URL={settings.REDIS_URL}: {exc}"
             ) from None
-        if with_scheduler and DEFAULT_QUEUE in queues:
-            # The periodic audit chain verification (BERTH_AUDIT_VERIFY_INTERVAL_H) lives on
-            # the default queue; book it unless a run is already pending.
-            schedule_verification(get_queue(DEFAULT_QUEUE))
         worker = worker_class(
             [get_queue(queue) for queue in queues],
             connection=connection,
