@@ -16,6 +16,7 @@ import pytest
 
 import audit
 from audit.actions import Action
+from audit.jobs import verify_chain
 from core.queues import get_queue
 from tests.conftest import clean_environ, run_manage, subprocess_env, which_or_skip
 from tests.test_run_command import Console, _alive, _free_port
@@ -33,7 +34,7 @@ def test_worker_prints_no_line_per_job_unless_log_level_asks(tmp_path: Path) -> 
     for level in (None, "info"):
         queue.empty()
         for _ in range(JOBS):
-            queue.enqueue("audit.jobs.verify_chain")
+            queue.enqueue(verify_chain)
         run_env = env if level is None else {**env, "LOG_LEVEL": level}
         worker = run_manage("berth_worker", "default", "--burst", env=run_env)
         assert worker.returncode == 0, worker.stderr
