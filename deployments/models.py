@@ -142,6 +142,9 @@ class Deployment(models.Model):
     )
     generation = models.PositiveIntegerField(default=1)
     container_id = models.CharField(max_length=80, blank=True)
+    # The engine's own bearer token (vLLM's VLLM_API_KEY), made at the first launch and held
+    # by the gateway: users never see it, so only the gateway can reach the engine's API.
+    engine_key = models.CharField(max_length=64, blank=True, editable=False)
     health_start_period_s = models.PositiveIntegerField(default=600)
     stall_timeout_s = models.PositiveIntegerField(default=600)
     engine_ready_timeout_s = models.PositiveIntegerField(default=600)

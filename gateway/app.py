@@ -220,9 +220,12 @@ class Gateway:
             raise errors.invalid_key("This API key has expired.")
         if entry.scope != KeyScope.INFERENCE:
             self._audit_denial(prefix, f"scope {entry.scope} used on the gateway", entry.team_id)
-            raise GatewayError(403, "invalid_request_error",
-                               "This key's scope is 'manage'; the gateway takes 'inference' keys.",
-                               code="wrong_scope")  # fmt: skip
+            raise GatewayError(
+                403,
+                "invalid_request_error",
+                "This key's scope is 'manage'; the gateway takes 'inference' keys.",
+                code="wrong_scope",
+            )
         return entry
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -252,9 +255,12 @@ class Gateway:
             )
         except RedisError as exc:
             if key.rpm or key.tpm or key.team_budget:
-                raise GatewayError(503, "service_unavailable",
-                                   "Limits cannot be checked right now; retry shortly.",
-                                   code="limits_unavailable") from exc  # fmt: skip
+                raise GatewayError(
+                    503,
+                    "service_unavailable",
+                    "Limits cannot be checked right now; retry shortly.",
+                    code="limits_unavailable",
+                ) from exc
             logger.warning("gateway: Redis unavailable for counters: %s", exc)
             return None
         if refusal is None:
@@ -314,8 +320,13 @@ class Gateway:
                     retried_same.add(backend.ident)
                     continue
                 cooldown = self.balancer.failed(backend, time.time())
-                logger.warning("gateway: replica %s of %s failed (%s); cooldown %.0f s",
-                               backend.ident, call.model, exc, cooldown)  # fmt: skip
+                logger.warning(
+                    "gateway: replica %s of %s failed (%s); cooldown %.0f s",
+                    backend.ident,
+                    call.model,
+                    exc,
+                    cooldown,
+                )
                 tried.add(backend.ident)
                 continue
             try:
@@ -374,11 +385,18 @@ class Gateway:
         record = None
         if backend is not None:
             record = UsageRecord(
-                at=call.arrived_at, team_id=call.key.team_id, key_prefix=call.key.prefix,
-                model=call.model, deployment_id=backend.deployment_id, replica=backend.replica,
-                status=status, prompt_tokens=prompt, completion_tokens=completion,
-                latency_ms=(time.perf_counter() - call.started) * 1000, ttft_ms=ttft_ms,
-            )  # fmt: skip
+                at=call.arrived_at,
+                team_id=call.key.team_id,
+                key_prefix=call.key.prefix,
+                model=call.model,
+                deployment_id=backend.deployment_id,
+                replica=backend.replica,
+                status=status,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                latency_ms=(time.perf_counter() - call.started) * 1000,
+                ttft_ms=ttft_ms,
+            )
         task = asyncio.create_task(self._write_after(reservation, prompt + completion, record))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -463,8 +481,12 @@ async def _read_body(receive: Receive) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:
-            raise GatewayError(413, "invalid_request_error", "The request body is too large.",
-                               code="request_too_large")  # fmt: skip
+            raise GatewayError(
+                413,
+                "invalid_request_error",
+                "The request body is too large.",
+                code="request_too_large",
+            )
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -477,12 +499,17 @@ async def _send_json(
     headers: tuple[tuple[bytes, bytes], ...] = (),
     content_type: bytes = b"application/json",
 ) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", content_type),
-                    (b"content-length", str(len(body)).encode()), *headers],
-    })  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -185,6 +185,7 @@ def _backend(deployment: Deployment, loading_since: Any) -> Backend:
         name=deployment.name,
         state=deployment.state,
         url=url,
+        engine_key=deployment.engine_key,
         error=deployment.last_error[:500] if deployment.state == State.FAILED else "",
         diagnosis=findings,
         ready_eta_s=eta,

@@ -22,8 +22,13 @@ class GatewayError(Exception):
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def body(self) -> bytes:
-        error = {"message": self.message, "type": self.type, "param": self.param,
-                 "code": self.code, **self.extra}  # fmt: skip
+        error = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+            **self.extra,
+        }
         return json.dumps({"error": error}).encode()
 
 
@@ -50,27 +55,33 @@ def rate_limited(what: str, retry_after_s: int | None) -> GatewayError:
     headers = ((b"retry-after", str(retry_after_s).encode()),) if retry_after_s else ()
     wait = f" Try again in {retry_after_s} s." if retry_after_s else ""
     return GatewayError(
-        429, "requests" if what == "requests" else "tokens",
+        429,
+        "requests" if what == "requests" else "tokens",
         f"Rate limit reached for this key on {what} per minute.{wait}",
-        code="rate_limit_exceeded", headers=headers,
-    )  # fmt: skip
+        code="rate_limit_exceeded",
+        headers=headers,
+    )
 
 
 def request_too_large(tpm: int) -> GatewayError:
     return GatewayError(
-        429, "tokens",
+        429,
+        "tokens",
         f"This request reserves more tokens than the key's limit of {tpm} per minute; "
         "lower max_tokens.",
-        code="rate_limit_exceeded", param="max_tokens",
-    )  # fmt: skip
+        code="rate_limit_exceeded",
+        param="max_tokens",
+    )
 
 
 def budget_exhausted(retry_after_s: int) -> GatewayError:
     return GatewayError(
-        429, "insufficient_quota",
+        429,
+        "insufficient_quota",
         "Your team has used its monthly token budget; it renews on the 1st (UTC).",
-        code="insufficient_quota", headers=((b"retry-after", str(retry_after_s).encode()),),
-    )  # fmt: skip
+        code="insufficient_quota",
+        headers=((b"retry-after", str(retry_after_s).encode()),),
+    )
 
 
 def model_not_ready(
@@ -82,15 +93,18 @@ def model_not_ready(
 ) -> GatewayError:
     """``diagnosis``: the deployment's findings, root cause first (code, title, remedy)."""
     message = (
-        f"The model `{model}` failed: {why}" if state == "failed"
+        f"The model `{model}` failed: {why}"
+        if state == "failed"
         else f"The model `{model}` is not ready yet ({state}{': ' + why if why else ''})."
-    )  # fmt: skip
+    )
     return GatewayError(
-        503, "model_not_ready", message, code="model_not_ready",
-        extra={"state": state, "expected_ready_in_s": expected_ready_in_s,
-               "diagnosis": diagnosis},
+        503,
+        "model_not_ready",
+        message,
+        code="model_not_ready",
+        extra={"state": state, "expected_ready_in_s": expected_ready_in_s, "diagnosis": diagnosis},
         headers=((b"retry-after", b"10"),) if state != "failed" else (),
-    )  # fmt: skip
+    )
 
 
 def upstream_failed(message: str) -> GatewayError:

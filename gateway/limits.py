@@ -100,10 +100,16 @@ class Limiter:
         code = int(
             await self._reserve(
                 keys=[rpm_name, tpm_name, budget_name],
-                args=[key.rpm or 0, key.tpm or 0, key.team_budget or 0, tokens, MINUTE_TTL_S,
-                      MONTH_TTL_S],
+                args=[
+                    key.rpm or 0,
+                    key.tpm or 0,
+                    key.team_budget or 0,
+                    tokens,
+                    MINUTE_TTL_S,
+                    MONTH_TTL_S,
+                ],
             )
-        )  # fmt: skip
+        )
         if code == OK:
             return Reservation(tpm_name if key.tpm else None, budget_name, tokens), None
         if code == TOO_LARGE:

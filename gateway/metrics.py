@@ -25,38 +25,47 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "berth_gateway_requests", "Requests answered, by model and HTTP status.",
-            ["model", "status"], registry=r,
-        )  # fmt: skip
+            "berth_gateway_requests",
+            "Requests answered, by model and HTTP status.",
+            ["model", "status"],
+            registry=r,
+        )
         self.tokens = Counter(
-            "berth_gateway_tokens", "Tokens reported by the engines, by model and kind.",
-            ["model", "kind"], registry=r,
-        )  # fmt: skip
+            "berth_gateway_tokens",
+            "Tokens reported by the engines, by model and kind.",
+            ["model", "kind"],
+            registry=r,
+        )
         self.errors = Counter(
             "berth_gateway_errors", "Refusals and failures, by error code.", ["code"], registry=r
         )
         self.overhead = Histogram(
             "berth_gateway_overhead_seconds",
             "The gateway's own time before a request goes to the engine.",
-            buckets=OVERHEAD_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.ttft = Histogram(
             "berth_gateway_time_to_first_token_seconds",
             "From the request's arrival to the first byte of the engine's answer.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "berth_gateway_queue_wait_seconds",
             "Time a request waited for a replica (loading, saturated).",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
             "berth_gateway_requests_in_flight", "Requests being served now.", registry=r
         )
         self.cache_age = Gauge(
             "berth_gateway_cache_age_seconds",
-            "Seconds since keys and routes were last read from the database.", registry=r,
-        )  # fmt: skip
+            "Seconds since keys and routes were last read from the database.",
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

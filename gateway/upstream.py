@@ -95,16 +95,18 @@ async def relay_stream(
 ) -> Exchange:
     """Server-sent events, forwarded event by event as they arrive."""
     exchange = Exchange(status=response.status)
-    await send({
-        "type": "http.response.start",
-        "status": response.status,
-        "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
-            *headers,
-        ],
-    })  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
+                *headers,
+            ],
+        }
+    )
     parser = StreamUsage(strip_usage_chunk)
     try:
         async for chunk in response.content.iter_any():
@@ -141,23 +143,24 @@ def usage_of(body: bytes) -> dict[str, Any] | None:
 
 
 def _error_body(message: str) -> bytes:
-    error = {"message": message, "type": "upstream_error", "param": None,
-             "code": "upstream_broken"}  # fmt: skip
+    error = {"message": message, "type": "upstream_error", "param": None, "code": "upstream_broken"}
     return json.dumps({"error": error}).encode()
 
 
 async def _send_whole(
     send: Send, status: int, content_type: bytes, body: bytes, headers: Sequence[Header]
 ) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", content_type),
-            (b"content-length", str(len(body)).encode()),
-            *headers,
-        ],
-    })  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

@@ -40,9 +40,20 @@ BLOCK_MS = 1000
 CLAIM_IDLE_MS = 60_000
 PRUNE_EVERY_S = 3600
 COLUMNS = (
-    "minute", "team_id", "key_prefix", "model", "deployment_id", "replica", "requests", "errors",
-    "prompt_tokens", "completion_tokens", "latency_ms_sum", "ttft_ms_sum", "ttft_count",
-)  # fmt: skip
+    "minute",
+    "team_id",
+    "key_prefix",
+    "model",
+    "deployment_id",
+    "replica",
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms_sum",
+    "ttft_ms_sum",
+    "ttft_count",
+)
 IDENTITY = COLUMNS[:6]
 SUMMED = COLUMNS[6:]
 
@@ -105,8 +116,16 @@ def aggregate(records: Iterable[UsageRecord]) -> dict[tuple, list[float]]:
     sums: dict[tuple, list[float]] = defaultdict(lambda: [0] * len(SUMMED))
     for record in records:
         minute = datetime.fromtimestamp(record.at - record.at % 60, tz=UTC)
-        row = sums[(minute, record.team_id, record.key_prefix, record.model,
-                    record.deployment_id, record.replica)]  # fmt: skip
+        row = sums[
+            (
+                minute,
+                record.team_id,
+                record.key_prefix,
+                record.model,
+                record.deployment_id,
+                record.replica,
+            )
+        ]
         row[0] += 1
         row[1] += record.status >= 400
         row[2] += record.prompt_tokens

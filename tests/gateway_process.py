@@ -72,10 +72,18 @@ class GatewayProcess:
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
         environment = subprocess_env(BERTH_METRICS_TOKEN=METRICS_TOKEN, **env)
         self.process = subprocess.Popen(
-            [sys.executable, str(BASE_DIR / "manage.py"), "berth_gateway", "--port",
-             str(self.port)],
-            env=environment, cwd=BASE_DIR, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(BASE_DIR / "manage.py"),
+                "berth_gateway",
+                "--port",
+                str(self.port),
+            ],
+            env=environment,
+            cwd=BASE_DIR,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + START_DEADLINE_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -161,6 +169,8 @@ def walk(built: Deployment, state: State) -> None:
         fail(built, "the engine exited with code 1", [f.as_json() for f in findings])
         return
     current = State(built.state)
+    if current == state:
+        return
     start = PATH_TO_READY.index(current) + 1 if current in PATH_TO_READY else 0
     for step in PATH_TO_READY[start:]:
         built.transition(step, message=f"test: {step}")

@@ -3,6 +3,7 @@ vLLM-like upstream (``tests/upstream.py``, not vLLM), on this test's database an
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import threading
@@ -17,6 +18,8 @@ from redis import Redis
 from accounts.keys import KeySettings, create_api_key, revoke_api_key
 from accounts.models import ApiKey, Team
 from audit.models import AuditEvent
+from deployments.models import Deployment
+from deployments.runtime.launcher import ensure_engine_key
 from deployments.states import State
 from gateway.models import UsageMinute
 from gpus.models import Host
@@ -64,9 +67,14 @@ def _error(body: bytes) -> dict[str, Any]:
 
 
 def test_a_key_reaches_its_teams_model_and_gets_404_for_another_teams(
-    llama: Any, team_b: Team, host: Host, upstream: Upstream, tmp_path: Path,
-    key_a: tuple[ApiKey, str], gateway: GatewayProcess,
-) -> None:  # fmt: skip
+    llama: Any,
+    team_b: Team,
+    host: Host,
+    upstream: Upstream,
+    tmp_path: Path,
+    key_a: tuple[ApiKey, str],
+    gateway: GatewayProcess,
+) -> None:
     # Another host record on this machine: one port serves one live deployment per host.
     second = Host.objects.create(name="local-2")
     serve(team_b, second, tmp_path, "qwen", upstream.port, State.READY)
@@ -117,8 +125,11 @@ def test_a_stream_passes_token_by_token_and_its_usage_is_recorded(
 ) -> None:
     key, clear = key_a
     _wait_for_models(gateway, clear, {"llama"})
-    events = _stream(gateway, clear, {"model": "llama", "stream": True,
-                                      "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    events = _stream(
+        gateway,
+        clear,
+        {"model": "llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    )
     data = [payload for _, payload in events]
     assert data[-1] == "[DONE]"
     chunks = [json.loads(item) for item in data[:-1]]
@@ -129,8 +140,16 @@ def test_a_stream_passes_token_by_token_and_its_usage_is_recorded(
     gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert min(gaps) > 0.05, gaps
 
-    asked = _stream(gateway, clear, {"model": "llama", "stream": True, "messages": [],
-                                     "stream_options": {"include_usage": True}})  # fmt: skip
+    asked = _stream(
+        gateway,
+        clear,
+        {
+            "model": "llama",
+            "stream": True,
+            "messages": [],
+            "stream_options": {"include_usage": True},
+        },
+    )
     usage_chunk = json.loads(asked[-2][1])
     assert usage_chunk["choices"] == []
     assert usage_chunk["usage"]["completion_tokens"] == 5
@@ -150,8 +169,10 @@ def test_over_the_rpm_limit_answers_429_with_retry_after(
 ) -> None:
     _, clear = key_a
     _wait_for_models(gateway, clear, {"llama"})  # GET /v1/models is not counted
-    statuses = [gateway.request("POST", "/v1/embeddings", {"model": "llama", "input": "x"},
-                                key=clear)[:2] for _ in range(4)]  # fmt: skip
+    statuses = [
+        gateway.request("POST", "/v1/embeddings", {"model": "llama", "input": "x"}, key=clear)[:2]
+        for _ in range(4)
+    ]
     assert [status for status, _ in statuses[:3]] == [200, 200, 200]
     status, headers = statuses[3]
     assert status == 429
@@ -176,9 +197,13 @@ def test_a_team_over_its_monthly_budget_gets_insufficient_quota(
 
 
 def test_a_request_for_a_loading_model_is_held_and_answered_once_ready(
-    team_a: Team, host: Host, upstream: Upstream, tmp_path: Path,
-    key_a: tuple[ApiKey, str], gateway: GatewayProcess,
-) -> None:  # fmt: skip
+    team_a: Team,
+    host: Host,
+    upstream: Upstream,
+    tmp_path: Path,
+    key_a: tuple[ApiKey, str],
+    gateway: GatewayProcess,
+) -> None:
     loading = serve(team_a, host, tmp_path, "llama", upstream.port, State.LOADING)
     _, clear = key_a
     _wait_for_models(gateway, clear, {"llama"})
@@ -200,8 +225,12 @@ def test_a_request_for_a_loading_model_is_held_and_answered_once_ready(
 
 
 def test_a_model_that_stays_loading_answers_503_model_not_ready_after_the_hold(
-    team_a: Team, host: Host, upstream: Upstream, tmp_path: Path, key_a: tuple[ApiKey, str],
-) -> None:  # fmt: skip
+    team_a: Team,
+    host: Host,
+    upstream: Upstream,
+    tmp_path: Path,
+    key_a: tuple[ApiKey, str],
+) -> None:
     serve(team_a, host, tmp_path, "slow", upstream.port, State.LOADING)
     _, clear = key_a
     process = GatewayProcess(BERTH_GATEWAY_HOLD_S="1")
@@ -220,9 +249,13 @@ def test_a_model_that_stays_loading_answers_503_model_not_ready_after_the_hold(
 
 
 def test_a_failed_model_answers_503_with_its_diagnosis(
-    team_a: Team, host: Host, upstream: Upstream, tmp_path: Path,
-    key_a: tuple[ApiKey, str], gateway: GatewayProcess,
-) -> None:  # fmt: skip
+    team_a: Team,
+    host: Host,
+    upstream: Upstream,
+    tmp_path: Path,
+    key_a: tuple[ApiKey, str],
+    gateway: GatewayProcess,
+) -> None:
     broken = serve(team_a, host, tmp_path, "broken", upstream.port, State.LOADING)
     walk(broken, State.FAILED)
     _, clear = key_a
@@ -253,6 +286,31 @@ def test_an_engine_killed_mid_stream_ends_the_stream_cleanly(
     assert json.loads(events[-1][1])["error"]["code"] == "upstream_broken"
     status, _, body = gateway.chat(clear, "llama")
     assert status in (502, 503), body  # the engine is gone: a clean error, at once
+
+
+def test_only_the_gateway_holds_the_engine_key(
+    team_a: Team, host: Host, tmp_path: Path, key_a: tuple[ApiKey, str], gateway: GatewayProcess
+) -> None:
+    built = serve(team_a, host, tmp_path, "llama", None, State.PENDING)
+    ensure_engine_key(built)  # what the launcher does before creating the container
+    engine = Upstream("--api-key", built.engine_key)
+    try:
+        Deployment.objects.filter(pk=built.pk).update(host_port=engine.port)
+        walk(built, State.READY)
+        _, clear = key_a
+        _wait_for_models(gateway, clear, {"llama"})
+        status, headers, body = gateway.chat(clear, "llama")
+        direct = http.client.HTTPConnection("127.0.0.1", engine.port, timeout=10)
+        direct.request(
+            "POST", "/v1/chat/completions", body=b"{}", headers={"Authorization": f"Bearer {clear}"}
+        )
+        refused = direct.getresponse().status
+        direct.close()
+    finally:
+        engine.stop()
+    assert status == 200, body
+    assert refused == 401  # the engine's port, reached past the gateway, with a Berth key
+    assert built.engine_key not in json.dumps(headers) + body.decode()
 
 
 def test_metrics_need_the_token_and_count_requests(
@@ -306,9 +364,12 @@ def _wait_for_status(gateway: GatewayProcess, key: str, model: str, status: int)
 def _stream(gateway: GatewayProcess, key: str, body: dict) -> list[tuple[float, str]]:
     """(arrival time, data) of each server-sent event, read as they arrive."""
     connection = gateway.connection()
-    connection.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
-                       headers={"Authorization": f"Bearer {key}",
-                                "Content-Type": "application/json"})  # fmt: skip
+    connection.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     response = connection.getresponse()
     assert response.status == 200, response.read()
     assert "x-berth-overhead-ms" in {k.lower() for k, _ in response.getheaders()}

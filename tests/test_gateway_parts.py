@@ -101,10 +101,17 @@ def test_a_failed_replica_cools_down_longer_each_time_in_a_row() -> None:
 
 def _key(**limits_: int | None) -> KeyEntry:
     return KeyEntry(
-        prefix=f"{time.monotonic_ns() % 10**8:08d}", secret_hash="", team_id=time.monotonic_ns(),
-        team_slug="t", scope="inference", model_names=frozenset(), expires_at=None,
-        rpm=limits_.get("rpm"), tpm=limits_.get("tpm"), team_budget=limits_.get("budget"),
-    )  # fmt: skip
+        prefix=f"{time.monotonic_ns() % 10**8:08d}",
+        secret_hash="",
+        team_id=time.monotonic_ns(),
+        team_slug="t",
+        scope="inference",
+        model_names=frozenset(),
+        expires_at=None,
+        rpm=limits_.get("rpm"),
+        tpm=limits_.get("tpm"),
+        team_budget=limits_.get("budget"),
+    )
 
 
 def _limiter_run(coroutine_factory):  # type: ignore[no-untyped-def]

@@ -340,3 +340,14 @@ def test_the_cache_volume_survives_stop_and_restart_and_goes_with_delete(
             container.remove(force=True)
         for leftover in docker_client.volumes.list(filters={"name": volume}):
             leftover.remove(force=True)
+
+
+def test_the_engine_key_reaches_the_engine_and_never_the_run_line() -> None:
+    secret = "engine-secret-0123456789abcdef"
+    kwargs = container_kwargs(LaunchSpec(**{**SPEC.__dict__, "engine_key": secret}))
+    assert kwargs["environment"]["VLLM_API_KEY"] == secret
+    assert secret not in " ".join(kwargs["command"])  # not on the host's process list
+    line = docker_run_line(kwargs)
+    assert secret not in line
+    assert "--env VLLM_API_KEY " in line  # docker takes it from the caller's environment
+    assert "VLLM_API_KEY" not in container_kwargs(SPEC)["environment"]

@@ -112,8 +112,9 @@ class Exchange(asyncio.Protocol):
         if path == b"/v1/embeddings":
             usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
             data = [{"object": "embedding", "index": 0, "embedding": [0.0] * 8}]
-            return self._json(200, {"object": "list", "data": data, "model": self.settings.name,
-                                    "usage": usage})  # fmt: skip
+            return self._json(
+                200, {"object": "list", "data": data, "model": self.settings.name, "usage": usage}
+            )
         count = payload.get("max_tokens") or self.settings.tokens
         chat = path == b"/v1/chat/completions"
         if payload.get("stream"):
@@ -134,8 +135,9 @@ class Exchange(asyncio.Protocol):
             last = index == count - 1
             choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if last else None}
             if chat:
-                choice["delta"] = {"content": WORD} if index else {"role": "assistant",
-                                                                   "content": WORD}  # fmt: skip
+                choice["delta"] = (
+                    {"content": WORD} if index else {"role": "assistant", "content": WORD}
+                )
             else:
                 choice["text"] = WORD
             self._chunk({**base, "object": kind, "choices": [choice]})
@@ -143,8 +145,11 @@ class Exchange(asyncio.Protocol):
                 await asyncio.sleep(self.settings.delay_s)
         options = payload.get("stream_options") or {}
         if options.get("include_usage"):
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                     "total_tokens": prompt_tokens + count}  # fmt: skip
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": count,
+                "total_tokens": prompt_tokens + count,
+            }
             self._chunk({**base, "object": kind, "choices": [], "usage": usage})
         self._raw_chunk(b"data: [DONE]\n\n")
         self.transport.write(b"0\r\n\r\n")
@@ -168,18 +173,30 @@ class Exchange(asyncio.Protocol):
 
 
 def _completion(name: str, chat: bool, count: int, prompt_tokens: int) -> dict:
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-             "total_tokens": prompt_tokens + count}  # fmt: skip
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": count,
+        "total_tokens": prompt_tokens + count,
+    }
     text = WORD * count
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": "length"}  # fmt: skip
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "length",
+        }
         kind = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": "length"}
         kind = "text_completion"
-    return {"id": "cmpl-upstream", "object": kind, "created": int(time.time()), "model": name,
-            "choices": [choice], "usage": usage}  # fmt: skip
+    return {
+        "id": "cmpl-upstream",
+        "object": kind,
+        "created": int(time.time()),
+        "model": name,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 async def serve(args: argparse.Namespace) -> None:

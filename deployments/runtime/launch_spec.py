@@ -40,6 +40,7 @@ SAFETENSORS_PREFETCH_SINCE = (0, 18)  # ... prefetch (into the page cache): vllm
 RUNAI_STREAMER_SINCE = (0, 11)  # --load-format runai_streamer, streamer shipped in the image
 # Run:ai's benchmark reached the storage's limit at concurrency 8-16 on SSD volumes
 # (performance.md §1.3); object stores have more latency to hide, so more requests in flight.
+ENGINE_KEY_VARIABLE = "VLLM_API_KEY"  # the same as vLLM's --api-key (vllm.md, environment)
 RUNAI_CONCURRENCY = {"network": 16, "object": 32}
 IMAGE_VERSION = re.compile(r":v?(\d+)\.(\d+)(?:\.\d+)?(?:[-.+][A-Za-z0-9_.-]*)?(?:@|$)")
 
@@ -72,6 +73,7 @@ class LaunchSpec:
     health_start_period_s: int = 600
     engine_ready_timeout_s: int = 600
     instance: str = "berth"  # BERTH_INSTANCE: keeps two consoles on one engine apart
+    engine_key: str = ""  # the engine's bearer token; only the gateway holds it
 
     @property
     def container_name(self) -> str:
@@ -171,6 +173,10 @@ def environment(spec: LaunchSpec) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_ENGINE_READY_TIMEOUT_S": str(spec.engine_ready_timeout_s),
+        # vLLM then requires "Authorization: Bearer <key>" on /v1 (not on /health): an engine
+        # port reached past the gateway answers 401. An environment variable, not --api-key:
+        # the host's process list shows every command line to every local user.
+        **({ENGINE_KEY_VARIABLE: spec.engine_key} if spec.engine_key else {}),
     }
 
 
@@ -259,7 +265,13 @@ def docker_run_line(kwargs: Mapping[str, Any]) -> str:
 
 
 def _pairs(flag: str, values: Mapping[str, str]) -> list[str]:
-    return [item for key, value in values.items() for item in (flag, f"{key}={value}")]
+    # The engine key is never shown: ``--env NAME`` alone makes docker take the value from the
+    # environment of whoever runs the line.
+    return [
+        item
+        for key, value in values.items()
+        for item in (flag, key if key == ENGINE_KEY_VARIABLE else f"{key}={value}")
+    ]
 
 
 def _mount_flag(mount: Mount) -> str:

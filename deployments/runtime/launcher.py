@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import http.client
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +46,7 @@ from models_registry.inspection import inspect_directory
 
 LOG_TAIL_LINES = 200
 PORT_ATTEMPTS = 5  # host ports tried when other programs hold them
+ENGINE_KEY_BYTES = 32
 RESTART_LOOP = 2  # Docker restarted the engine this often: it will not come up by itself
 HEALTH_TIMEOUT_S = 2.0
 MILESTONES = (
@@ -164,6 +166,7 @@ def _start_on_a_free_port(
     """Create and start the container; when another program holds the chosen host port, remove
     the container and try the next port (Berth only knows its own engines' ports)."""
     taken: set[int] = set()
+    ensure_engine_key(deployment)
     for _attempt in range(PORT_ATTEMPTS):
         try:
             spec = build_spec(deployment, gpus, _port(deployment, taken))
@@ -206,6 +209,18 @@ def _port(deployment: Deployment, taken: set[int] = frozenset()) -> int:
     )
 
 
+def ensure_engine_key(deployment: Deployment) -> None:
+    """Give the deployment its engine key once (kept across generations, so a retried launch
+    that adopts its container finds the key it was created with)."""
+    if not deployment.engine_key:
+        Deployment.objects.filter(pk=deployment.pk, engine_key="").update(
+            engine_key=secrets.token_urlsafe(ENGINE_KEY_BYTES)
+        )
+        deployment.engine_key = (
+            Deployment.objects.filter(pk=deployment.pk).values_list("engine_key", flat=True).get()
+        )
+
+
 def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> LaunchSpec:
     """The launch spec from the deployment's validated fields and its plan."""
     from deployments.runtime.engine_args import parse_engine_args, parse_environment
@@ -243,6 +258,7 @@ def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> Launch
         health_start_period_s=deployment.health_start_period_s,
         engine_ready_timeout_s=deployment.engine_ready_timeout_s,
         instance=settings.BERTH_INSTANCE,
+        engine_key=deployment.engine_key,
     )
 
 
