@@ -20,8 +20,7 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,7 +32,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 import audit
-from accounts.models import ApiKey, KeyScope, Team, slug_validator
+from accounts.models import ApiKey, KeyScope, Role, Team, slug_validator
 from audit.actions import Action, ActorKind, Outcome
 from audit.trail import denial_reason
 from core import context
@@ -233,16 +232,33 @@ def record_expired(now: Any = None) -> int:
     return written
 
 
-@contextmanager
-def acting_as(key_prefix: str, team_slug: str) -> Iterator[None]:
-    """Audit events written inside the block name the key as their actor."""
-    with context.bind(
-        request=None,
-        actor_id=None,
-        actor_name=f"key bk_{key_prefix} ({team_slug})",
-        actor_kind=ActorKind.KEY.value,
-    ):
-        yield
+class KeyUser:
+    """A ``manage``-scoped key standing in for a user on the JSON API: a member of its one team,
+    never an admin, with no row of its own. Audit events name it (actor kind ``key``, its
+    prefix and team); ``accounts.access`` sees exactly its team."""
+
+    is_authenticated = True
+    is_anonymous = False
+    is_active = True
+    is_admin = False
+    is_auditor = False
+    is_member = True
+    is_staff = False
+    is_superuser = False
+    role = Role.MEMBER
+    pk = id = None
+    actor_kind = ActorKind.KEY.value
+
+    def __init__(self, key: ApiKey):
+        self.key = key
+        self._berth_team_ids = [key.team_id]  # accounts.access.team_ids reads this
+        self.username = f"key bk_{key.prefix} ({key.team.slug})"
+
+    def get_username(self) -> str:
+        return self.username
+
+    def __str__(self) -> str:
+        return self.username
 
 
 def record_denied(

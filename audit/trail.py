@@ -147,7 +147,7 @@ def _actor(user: Any) -> context.Actor:
     if user is None:
         return context.resolve_actor()
     kind = context.current().actor_kind if context.current().job_id else context.ACTOR_USER
-    return context.Actor(user.pk, user.get_username(), kind)
+    return context.Actor(user.pk, user.get_username(), getattr(user, "actor_kind", kind))
 
 
 def _target_fields(target: models.Model | Target | None) -> dict[str, str]:

@@ -314,8 +314,10 @@ def main() -> None:
             if litellm is not None:
                 config = BASE_DIR / "var" / "bench" / "litellm-config.yaml"
                 litellm_config(config, ports["upstream"])
+                # Not Berth's environment: LiteLLM reads DATABASE_URL and REDIS_URL too.
                 lenv = {
-                    **env,
+                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "HOME": os.environ.get("HOME", "/root"),
                     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                     "LITELLM_LOG": "ERROR",
                     "LITELLM_TELEMETRY": "False",

@@ -70,7 +70,8 @@ def resolve_actor() -> Actor:
     ctx = _current.get()
     user = getattr(ctx.request, "user", None) if ctx.request is not None else None
     if user is not None and user.is_authenticated:
-        return Actor(user.pk, user.get_username(), ACTOR_USER)
+        # An API key acting on the JSON API carries its own kind (accounts.keys.KeyUser).
+        return Actor(user.pk, user.get_username(), getattr(user, "actor_kind", ACTOR_USER))
     if ctx.request is not None:
         return Actor(None, "anonymous", ACTOR_USER)
     if ctx.actor_id is not None or ctx.actor_name:

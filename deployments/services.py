@@ -176,7 +176,7 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
         engine_args={k: v for k, v in data.engine_args.items() if v not in (None, "")},
         environment=environment,
         plan=plan_json,
-        requested_by=user,
+        requested_by=user if getattr(user, "pk", None) else None,  # None: an API key
         **timers,
     )
 

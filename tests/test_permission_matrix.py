@@ -94,8 +94,17 @@ ROWS: dict[str, list[Row]] = {
     "deployments/new/plan/": [Row("get", (405, 405, 405, 405, 302)), Row("post", MEMBER_PAGE)],
     # An empty body is not JSON: 415 for those allowed to deploy; refusals answer in JSON.
     "deployments/api/": [
-        Row("get", (405, 405, 405, 405, 405)),
+        Row("get", (200, 200, 403, 200, 401)),  # each caller's own deployments
         Row("post", (415, 415, 403, 415, 401)),
+    ],
+    "deployments/api/<uuid:public_id>/": [
+        Row("get", (200, 404, 403, 200, 401), _deployment),
+        Row("post", (405,) * 5, _deployment),
+    ],
+    "deployments/api/<uuid:public_id>/stop/": [
+        Row("get", (405,) * 5, _deployment),
+        # alice stops it; by the time the admin asks it is stopping already: 409.
+        Row("post", (202, 404, 403, 409, 401), _deployment),
     ],
     "deployments/<uuid:public_id>/": [Row("get", TEAM_A_PAGE, _deployment)],
     "deployments/<uuid:public_id>/stream/": [Row("stream", TEAM_A_PAGE, _deployment)],

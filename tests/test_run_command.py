@@ -96,6 +96,7 @@ def console_env(tmp_path: Path) -> dict[str, str]:
         BERTH_VAR_DIR=str(tmp_path / "var"),
         DATABASE_URL=f"sqlite:///{tmp_path / 'berth.sqlite3'}",
         BERTH_PORT=str(_free_port()),
+        BERTH_GATEWAY_PORT=str(_free_port()),
         BERTH_ADMIN_USERNAME="platform-admin",
         PYTHONUNBUFFERED="1",
     )
@@ -132,6 +133,11 @@ def test_berth_up_starts_redis_worker_and_web_and_ctrl_c_stops_them_all(
     pids_line = console.wait_for("web pid", 5)
     web_pid = int(pids_line.split("web pid ")[1].split(",")[0])
     worker_pid = int(pids_line.split("worker pid ")[1].split(" ")[0])
+    gateway_line = console.wait_for("gateway pid", 5)
+    gateway_pid = int(gateway_line.split("gateway pid ")[1].split(":")[0])
+    gateway_url = f"http://127.0.0.1:{console_env['BERTH_GATEWAY_PORT']}/"
+    with urllib.request.urlopen(f"{gateway_url}healthz", timeout=5) as response:
+        assert json.load(response)["status"] == "ok"
 
     with urllib.request.urlopen(f"{url}healthz", timeout=5) as response:
         assert json.load(response) == {"status": "ok", "database": "ok", "redis": "ok"}
@@ -153,10 +159,10 @@ def test_berth_up_starts_redis_worker_and_web_and_ctrl_c_stops_them_all(
     console.process.send_signal(signal.SIGINT)
     assert console.process.wait(timeout=STOP_DEADLINE_S) == 0, console.rest()
     output = console.rest()
-    for line in ("stopped web", "stopped worker (exit 0)", "stopped redis"):
+    for line in ("stopped gateway", "stopped web", "stopped worker (exit 0)", "stopped redis"):
         assert line in output
     assert "Berth stopped." in output
-    assert not any(_alive(pid) for pid in (web_pid, worker_pid, redis_pid))
+    assert not any(_alive(pid) for pid in (web_pid, worker_pid, redis_pid, gateway_pid))
 
 
 def test_a_second_start_keeps_the_admin_and_does_not_print_a_password(

@@ -1,7 +1,7 @@
 """A thin JSON door to the same deploy service the form uses, with a strict schema.
 
-``POST /deployments/api/`` with the browser session and the CSRF header (``X-CSRFToken``; there
-are no API tokens)::
+``POST /deployments/api/`` with a ``manage``-scoped key (``Authorization: Bearer bk_...``) or
+the browser session and the CSRF header (``X-CSRFToken``; see ``api_door``)::
 
     {"team": "team-a", "model": 12, "host": "gpu-01", "image": "vllm", "name": "llama",
      "gpu_count": 2, "engine_args": {"max_model_len": 8192}, "environment": {"NCCL_DEBUG": "WARN"}}
@@ -10,7 +10,9 @@ Answers 201 with the deployment's id and page; 400 with ``{"errors": {field: mes
 anything refused — an unknown key (``privileged``, ``cap_add``...) is named, never ignored;
 409 when the team already runs a deployment of that name; 413 for a body over
 ``DATA_UPLOAD_MAX_MEMORY_SIZE``. Every refusal is audited as ``denied`` and enqueues nothing.
-Not signed in: 401; a failed CSRF check or a role that may not deploy: 403 — all in JSON.
+Not signed in (and no valid key): 401; a failed CSRF check or a role that may not deploy: 403 —
+all in JSON. A key cannot send ``override_reason``. ``GET`` lists, reads and stops deployments
+live in ``api_deployments``.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ from typing import Any
 
 from django.contrib.auth.decorators import login_not_required
 from django.core.exceptions import PermissionDenied, RequestDataTooBig, ValidationError
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.middleware.csrf import CsrfViewMiddleware
+from django.http import HttpRequest, JsonResponse
 from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods
 
 from accounts.access import visible_teams
-from accounts.models import Role, slug_validator
+from accounts.keys import KeyUser
+from accounts.models import slug_validator
 from deployments import services
 from deployments.models import EngineImage
+from deployments.web import api_deployments
+from deployments.web.api_door import principal
 from gpus.models import Host
 from models_registry.models import Model, ModelStatus
 
@@ -56,51 +60,31 @@ class Refusal(Exception):
         self.errors, self.status = errors, status
 
 
-class _CsrfCheck(CsrfViewMiddleware):
-    """Django's own CSRF check, answering with the reason instead of the HTML 403 page."""
-
-    def _reject(self, request: HttpRequest, reason: str) -> str:  # type: ignore[override]
-        return reason
-
-
-def _unanswered(request: HttpRequest) -> HttpResponse:
-    raise AssertionError("the CSRF check never calls the view")
-
-
-def _door(request: HttpRequest) -> JsonResponse | None:
-    """Sign-in, CSRF and role, answered in JSON (the console's pages answer these in HTML)."""
-    user = request.user
-    if not user.is_authenticated:
-        return _error("session", "sign in first: the API uses the browser session", 401)
-    if (reason := _CsrfCheck(_unanswered).process_view(request, None, (), {})) is not None:
-        fix = "send the csrftoken cookie's value in the X-CSRFToken header, from this origin"
-        return _error("csrf", f"CSRF verification failed ({reason}): {fix}", 403)
-    if not (user.is_active and (user.role == Role.MEMBER or user.role == Role.ADMIN)):
-        return _error("session", "only team members and admins may deploy", 403)
-    return None
-
-
-def _error(field: str, message: str, status: int) -> JsonResponse:
-    return JsonResponse({"errors": {field: message}}, status=status)
-
-
-@require_POST
+@require_http_methods(["GET", "POST"])
 @login_not_required
-@csrf_exempt  # checked in _door, so that a refusal is JSON too
+@csrf_exempt  # checked by the door (sessions only), so that a refusal is JSON too
+def deployments(request: HttpRequest) -> JsonResponse:
+    """``GET``: the caller's deployments, cursor-paged; ``POST``: deploy."""
+    if request.method == "GET":
+        return api_deployments.listing(request)
+    return deploy(request)
+
+
 def deploy(request: HttpRequest) -> JsonResponse:
     """Validate strictly, then call :func:`services.request_deployment` like the form does."""
-    if (refused := _door(request)) is not None:
+    user, refused = principal(request, write=True)
+    if refused is not None:
         return refused
     team, document = None, None
     try:
         document = _document(request)
         _check_fields(document)
-        data = _deploy_request(request.user, document)
+        data = _deploy_request(user, document)
         team = data.team
-        deployment = services.request_deployment(request.user, data)
+        deployment = services.request_deployment(user, data)
     except Refusal as exc:
         services.record_denied(
-            request.user, ValidationError(exc.errors), team=team, attempted=attempted(document)
+            user, ValidationError(exc.errors), team=team, attempted=attempted(document)
         )
         return JsonResponse({"errors": exc.errors}, status=exc.status)
     except (ValidationError, PermissionDenied) as exc:  # audited by the service
@@ -207,7 +191,11 @@ def _deploy_request(user: Any, document: dict[str, Any]) -> services.DeployReque
     for key in ("engine_args", "environment"):
         if not isinstance(document.get(key, {}), dict):
             errors[key] = f"must be {FIELDS[key]}"
-    if "override_reason" in document and not user.is_admin:
+    if "override_reason" in document and isinstance(user, KeyUser):
+        errors["override_reason"] = (
+            "an API key cannot override a plan; an admin does that from the console"
+        )
+    elif "override_reason" in document and not user.is_admin:
         errors["override_reason"] = "only admins may launch a plan that does not fit"
     model_id, gpu_count = document["model"], document.get("gpu_count")
     if isinstance(model_id, bool) or not isinstance(model_id, int):

@@ -31,8 +31,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--team", required=True, help="team slug")
         parser.add_argument("--name", required=True, help="what the key is for")
-        parser.add_argument("--models", default="", help="served model names, comma-separated "
-                            "(default: every model of the team)")  # fmt: skip
+        parser.add_argument(
+            "--models",
+            default="",
+            help="served model names, comma-separated (default: every model of the team)",
+        )
         parser.add_argument("--expires-days", type=int, default=None)
         parser.add_argument("--scope", choices=KeyScope.values, default=KeyScope.INFERENCE)
         parser.add_argument("--rpm", type=int, default=None, help="requests per minute")

@@ -3,8 +3,8 @@
 Ensures Redis (starting a local redis-server when REDIS_URL is unreachable and one is
 installed), migrates, creates the first admin account, with ``--demo`` (``BERTH_DEMO=1``) runs
 ``berth_demo``, registers this machine as a GPU host on the first run, then runs an RQ worker
-with the scheduler, this machine's GPU agent (``berth_agent``) and the ASGI web server until
-Ctrl-C, which stops all of them.
+with the scheduler, this machine's GPU agent (``berth_agent``), the ASGI web server and the
+gateway (``berth_gateway``) until Ctrl-C, which stops all of them — as does any of them exiting.
 """
 
 from __future__ import annotations
@@ -144,19 +144,27 @@ class Command(BaseCommand):
         web = supervisor.start(
             "web", [sys.executable, *web_command(bind, port)], env=env, cwd=base_dir
         )
-        host = f"[{bind}]" if ":" in bind else bind
-        url = f"http://{host}:{port}/"
-        if not wait_until(
-            lambda: _healthy(url),
-            WEB_START_DEADLINE_S,
-            abort=lambda: supervisor.first_exited() is not None,
-        ):
-            supervisor.failed = (supervisor.first_exited() or web).name
-            return
+        gateway = supervisor.start(
+            "gateway", [sys.executable, manage, "berth_gateway"], env=env, cwd=base_dir
+        )
+        url = _url(bind, port)
+        gateway_url = _url(settings.BERTH_GATEWAY_BIND, settings.BERTH_GATEWAY_PORT)
+        for child, address in ((web, url), (gateway, gateway_url)):
+            if not wait_until(
+                lambda address=address: _healthy(address),
+                WEB_START_DEADLINE_S,
+                abort=lambda: supervisor.first_exited() is not None,
+            ):
+                supervisor.failed = (supervisor.first_exited() or child).name
+                return
         self.stdout.write(self.style.SUCCESS(f"Berth is up at {url}"))
         self.stdout.write(
             f"  web pid {web.process.pid}, worker pid {worker.process.pid} "
             f"(queue '{DEFAULT_QUEUE}', with scheduler)"
+        )
+        self.stdout.write(
+            f"  gateway pid {gateway.process.pid}: the OpenAI-compatible API at {gateway_url}v1 "
+            "(keys: manage.py create_api_key)"
         )
         if agent is not None:
             self.stdout.write(
@@ -259,6 +267,11 @@ def _has_engine_images() -> bool:
     from deployments.models import EngineImage
 
     return EngineImage.objects.exists()
+
+
+def _url(bind: str, port: int) -> str:
+    host = f"[{bind}]" if ":" in bind else bind
+    return f"http://{host}:{port}/"
 
 
 def _healthy(url: str) -> bool:

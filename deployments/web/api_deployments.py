@@ -1,0 +1,133 @@
+"""Reading and stopping deployments over the JSON API (a ``manage`` key or the session)::
+
+    GET  /deployments/api/?limit=50[&cursor=…]   {"results": [...], "next": "<url>" | null}
+    GET  /deployments/api/<id>/                  state, endpoint, plan, diagnosis
+    POST /deployments/api/<id>/stop/             202 {"id", "state"}
+
+``<id>`` is the public UUID that ``POST /deployments/api/`` returns. Pages are keyset pages
+(newest first; the cursor is opaque), so a page costs the same however many came before.
+Another team's deployment answers 404 like a missing one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_not_required
+from django.core.exceptions import ValidationError
+from django.http import HttpRequest, JsonResponse
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from deployments import services
+from deployments.models import Deployment
+from deployments.web.api_door import error, principal
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+
+
+def listing(request: HttpRequest) -> JsonResponse:
+    user, refused = principal(request, write=False)
+    if refused is not None:
+        return refused
+    try:
+        limit = int(request.GET.get("limit", DEFAULT_LIMIT))
+        before = _cursor_value(request.GET.get("cursor"))
+    except ValueError:
+        return error("cursor", f"limit is 1-{MAX_LIMIT}; cursor is the 'next' link's value", 400)
+    if not 1 <= limit <= MAX_LIMIT:
+        return error("limit", f"limit is 1-{MAX_LIMIT}", 400)
+    rows = Deployment.objects.visible_to(user).select_related("team", "host").order_by("-pk")
+    if before is not None:
+        rows = rows.filter(pk__lt=before)
+    page = list(rows[: limit + 1])
+    following = None
+    if len(page) > limit:
+        page = page[:limit]
+        following = f"{reverse('deployment-api')}?limit={limit}&cursor={_cursor(page[-1].pk)}"
+    return JsonResponse({"results": [_summary(d) for d in page], "next": following})
+
+
+@require_GET
+@login_not_required
+def detail(request: HttpRequest, public_id: uuid.UUID) -> JsonResponse:
+    user, refused = principal(request, write=False)
+    if refused is not None:
+        return refused
+    deployment = _visible(user, public_id)
+    if deployment is None:
+        return error("id", "no such deployment", 404)
+    return JsonResponse(
+        {
+            **_summary(deployment),
+            "generation": deployment.generation,
+            "gpu_count": deployment.gpu_count,
+            "tensor_parallel_size": deployment.tensor_parallel_size,
+            "endpoint": endpoint(deployment),
+            "plan": deployment.plan,
+            "diagnosis": deployment.diagnosis,
+            "last_error": deployment.last_error,
+            "ready_at": deployment.ready_at.isoformat() if deployment.ready_at else None,
+        }
+    )
+
+
+@require_POST
+@login_not_required
+@csrf_exempt  # checked by the door for sessions; a key needs none
+def stop(request: HttpRequest, public_id: uuid.UUID) -> JsonResponse:
+    user, refused = principal(request, write=True)
+    if refused is not None:
+        return refused
+    deployment = _visible(user, public_id)
+    if deployment is None:
+        return error("id", "no such deployment", 404)
+    try:
+        services.request_stop(user, deployment)
+    except ValidationError as exc:  # audited as denied by the service
+        return JsonResponse({"errors": {"state": " ".join(exc.messages)}}, status=409)
+    return JsonResponse({"id": str(deployment.public_id), "state": deployment.state}, status=202)
+
+
+def endpoint(deployment: Deployment) -> dict[str, str]:
+    """Where clients send requests for this deployment: the gateway, by its served name."""
+    return {"base_url": settings.BERTH_GATEWAY_URL.rstrip("/") + "/v1", "model": deployment.name}
+
+
+def _summary(deployment: Deployment) -> dict[str, Any]:
+    return {
+        "id": str(deployment.public_id),
+        "name": deployment.name,
+        "team": deployment.team.slug,
+        "host": deployment.host.name,
+        "state": deployment.state,
+        "created": deployment.created.isoformat(),
+        "url": reverse("deployment-detail", kwargs={"public_id": deployment.public_id}),
+    }
+
+
+def _visible(user: Any, public_id: uuid.UUID) -> Deployment | None:
+    rows = Deployment.objects.visible_to(user).select_related("team", "host")
+    return rows.filter(public_id=public_id).first()
+
+
+def _cursor(pk: int) -> str:
+    return base64.urlsafe_b64encode(f"d{pk}".encode()).decode().rstrip("=")
+
+
+def _cursor_value(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError(cursor) from None
+    if not text.startswith("d"):
+        raise ValueError(cursor)
+    return int(text[1:])
