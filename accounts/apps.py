@@ -8,4 +8,4 @@ class AccountsConfig(AppConfig):
     verbose_name = "Accounts and teams"
 
     def ready(self) -> None:
-        from accounts import signals  # noqa: F401  (login/logout auditing)
+        from accounts import jobs, signals  # noqa: F401  (login/logout auditing, key expiry)

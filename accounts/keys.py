@@ -35,7 +35,7 @@ import audit
 from accounts.models import ApiKey, KeyScope, Role, Team, slug_validator
 from audit.actions import Action, ActorKind, Outcome
 from audit.trail import denial_reason
-from core import context
+from core import context, naming
 from core.queues import redis_connection
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ MAX_MODELS = 64
 
 
 def keys_channel() -> str:
-    """Pub/sub channel of key and team-limit changes (server-wide, so it carries the instance)."""
-    return f"berth:{settings.BERTH_INSTANCE}:gateway:keys"
+    """Pub/sub channel of key and team-limit changes on this console (``core.naming``)."""
+    return naming.api_keys_channel(settings.BERTH_INSTANCE)
 
 
 def hash_key(clear: str) -> str:

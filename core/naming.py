@@ -79,3 +79,19 @@ def deployment_channel(deployment_id: int, instance: str) -> str:
 def periodic_claim_key(job_name: str, instance: str, scope: str = "") -> str:
     """The Redis key that lets one process claim a run of a periodic job for one interval."""
     return f"berth:{instance}:periodic:{job_name}" + (f":{scope}" if scope else "")
+
+
+def deployment_channel_pattern(instance: str) -> str:
+    """Every deployment's channel, for ``PSUBSCRIBE`` (the gateway reloads its routes on any)."""
+    return deployment_channel(0, instance).rsplit(":", 1)[0] + ":*"
+
+
+def api_keys_channel(instance: str) -> str:
+    """Pub/sub channel of API key and team-limit changes (the gateways reload their keys)."""
+    return f"berth:{instance}:gateway:keys"
+
+
+def gateway_key(instance: str, *parts: str | int) -> str:
+    """A Redis key of the gateway's: limit counters (``rpm``, ``tpm``, ``budget``), the usage
+    stream (``usage``), throttling markers (``denied``)."""
+    return ":".join([f"berth:{instance}:gateway", *map(str, parts)])

@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core import naming
 from gateway.cache import KeyEntry
 
 # Characters per token for the prompt estimate: ~4 for English text with the common BPE
@@ -81,16 +82,16 @@ class Limiter:
 
     def __init__(self, redis: Redis, instance: str):
         self.redis = redis
-        self.base = f"berth:{instance}:gateway"
+        self.instance = instance
         self._reserve = redis.register_script(_RESERVE)
 
     def _names(self, key: KeyEntry, now: float) -> tuple[str, str, str]:
         minute = int(now // 60)
         month = time.strftime("%Y%m", time.gmtime(now))
         return (
-            f"{self.base}:rpm:{key.prefix}:{minute}",
-            f"{self.base}:tpm:{key.prefix}:{minute}",
-            f"{self.base}:budget:{key.team_id}:{month}",
+            naming.gateway_key(self.instance, "rpm", key.prefix, minute),
+            naming.gateway_key(self.instance, "tpm", key.prefix, minute),
+            naming.gateway_key(self.instance, "budget", key.team_id, month),
         )
 
     async def reserve(
@@ -132,7 +133,7 @@ class Limiter:
 
     async def month_used(self, team_id: int, now: float) -> int:
         month = time.strftime("%Y%m", time.gmtime(now))
-        value = await self.redis.get(f"{self.base}:budget:{team_id}:{month}")
+        value = await self.redis.get(naming.gateway_key(self.instance, "budget", team_id, month))
         return int(value or 0)
 
 

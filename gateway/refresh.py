@@ -1,5 +1,5 @@
 """Keeping a gateway's cache current: Redis pub/sub pushes, a periodic reload, and the
-database writes a gateway makes (expired keys, refused keys), all off the hot path.
+database writes a gateway makes (audits of refused keys), all off the hot path.
 
 A key change (``accounts.keys.keys_channel``) or a deployment change (the deployments' status
 channels, by pattern) wakes the reloader, which reads a fresh snapshot in a thread and swaps it
@@ -23,14 +23,13 @@ from redis.exceptions import RedisError
 
 from accounts import keys
 from accounts.models import Team
-from deployments.changes import channel as deployment_channel
+from core import naming
 from gateway import cache
 
 logger = logging.getLogger(__name__)
 
 RELOAD_EVERY_S = 30.0
 RETRY_AFTER_FAILURE_S = 1.0
-EXPIRY_CHECK_EVERY_S = 60.0
 # Refused keys are audited at most once a minute per (prefix, reason) across gateways, and at
 # most DENIAL_AUDITS_PER_MINUTE per process: a flood of bad keys must not flood the trail.
 DENIAL_AUDIT_WINDOW_S = 60
@@ -41,13 +40,6 @@ def _load_in_thread() -> cache.Snapshot:
     close_old_connections()
     try:
         return cache.load()
-    finally:
-        connection.close()
-
-
-def _record_expired_in_thread() -> int:
-    try:
-        return keys.record_expired()
     finally:
         connection.close()
 
@@ -67,7 +59,6 @@ class Refresher:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._denials: deque[float] = deque()
-        self._last_expiry_check = 0.0
 
     def changed(self) -> asyncio.Event:
         """Set when the snapshot after the current one is in place."""
@@ -107,18 +98,9 @@ class Refresher:
                 await asyncio.wait_for(self._wake.wait(), wait_s)
             self._wake.clear()
             ok = await self.reload()
-            if ok and time.monotonic() - self._last_expiry_check > EXPIRY_CHECK_EVERY_S:
-                self._last_expiry_check = time.monotonic()
-                await self._record_expired()
-
-    async def _record_expired(self) -> None:
-        try:
-            await asyncio.to_thread(_record_expired_in_thread)
-        except Exception as exc:
-            logger.warning("gateway: could not audit expired keys: %s", exc)
 
     async def _listen(self) -> None:
-        pattern = deployment_channel(0).rsplit(":", 1)[0] + ":*"
+        pattern = naming.deployment_channel_pattern(self.instance)
         while True:
             pubsub = self.redis.pubsub()
             try:
@@ -142,7 +124,7 @@ class Refresher:
         if len(self._denials) >= DENIAL_AUDITS_PER_MINUTE:
             return
         try:
-            marker = f"berth:{self.instance}:gateway:denied:{prefix or '-'}:{reason}"
+            marker = naming.gateway_key(self.instance, "denied", prefix or "-", reason)
             if not await self.redis.set(marker, 1, nx=True, ex=DENIAL_AUDIT_WINDOW_S):
                 return
             self._denials.append(now)

@@ -6,7 +6,7 @@ in batches, adds them to the per-minute rows (``UsageMinute``) in one transactio
 acknowledges them. An entry read by a consumer that died before acknowledging is claimed by
 another one after ``CLAIM_IDLE_MS``, so a crashed gateway loses no finished request's usage
 (delivery is at least once: a consumer dying between its commit and its acknowledgement counts
-that batch twice).
+that batch twice). Old rows are pruned by the periodic job in ``gateway.jobs``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from accounts.models import ApiKey, Team
+from core import naming
 from gateway.models import UsageMinute
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ STREAM_MAXLEN = 1_000_000  # approximate cap: days of traffic even if every cons
 BATCH = 1000
 BLOCK_MS = 1000
 CLAIM_IDLE_MS = 60_000
-PRUNE_EVERY_S = 3600
 COLUMNS = (
     "minute",
     "team_id",
@@ -59,7 +59,7 @@ SUMMED = COLUMNS[6:]
 
 
 def stream_name(instance: str) -> str:
-    return f"berth:{instance}:gateway:usage"
+    return naming.gateway_key(instance, "usage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +182,6 @@ class Consumer:
     def __init__(self, redis: Redis, instance: str):
         self.redis = redis
         self.stream = stream_name(instance)
-        self.prune_lock = f"berth:{instance}:gateway:usage-prune"
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.claim_idle_ms = CLAIM_IDLE_MS
         self.stopped = threading.Event()
@@ -231,8 +230,6 @@ class Consumer:
         if entries:
             apply([UsageRecord.from_fields(raw) for _, raw in entries])
             self.redis.xack(self.stream, GROUP, *[entry_id for entry_id, _ in entries])
-        if self.redis.set(self.prune_lock, self.name, nx=True, ex=PRUNE_EVERY_S):
-            prune()
         return len(entries)
 
 
