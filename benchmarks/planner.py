@@ -32,7 +32,11 @@ def cases() -> list[tuple[str, dict, PlanRequest]]:
     """Every (config, GPU shape, context) combination."""
     configs = {path.stem: json.loads(path.read_text()) for path in sorted(CONFIGS.glob("*.json"))}
     return [
-        (name, config, PlanRequest(gpu_memory_bytes=gib * GIB, gpu_count=count, max_model_len=ctx))
+        (
+            name,
+            config,
+            PlanRequest(gpu_memory_bytes=gib * GIB, gpus_on_host=count, max_model_len=ctx),
+        )
         for name, config in configs.items()
         for gib, count in GPU_SHAPES
         for ctx in CONTEXTS
@@ -56,7 +60,7 @@ def main() -> None:
     for name, config, request in work:
         if request.max_model_len is None:
             result = plan(config, request)
-            shape = f"{request.gpu_count}x{request.gpu_memory_bytes // GIB} GiB"
+            shape = f"{request.gpus_on_host}x{request.gpu_memory_bytes // GIB} GiB"
             chosen = result.tensor_parallel_size or "-"
             print(
                 f"{name:32} {shape:12} TP {chosen!s:3} max_model_len "

@@ -24,6 +24,7 @@ from accounts.models import Team, slug_validator
 from audit.actions import Action, Outcome
 from core import naming
 from deployments.changes import publish
+from deployments.planning.stored import StoredPlan
 from deployments.states import ACTIVE, State, check_transition
 
 # repository[:tag][@sha256:<64 hex>] — Docker's reference grammar, narrowed: lowercase
@@ -182,6 +183,12 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.team.slug}/{self.name}"
+
+    @property
+    def stored_plan(self) -> StoredPlan | None:
+        """The plan this deployment was requested with (None for a CPU engine: nothing to
+        plan)."""
+        return StoredPlan.from_json(self.plan)
 
     @property
     def container_name(self) -> str:

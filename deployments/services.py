@@ -21,6 +21,7 @@ from audit.actions import Action, Outcome
 from audit.trail import denial_reason
 from deployments import planning
 from deployments.models import Deployment, EngineImage
+from deployments.planning.stored import StoredPlan
 from deployments.runtime import host_checks
 from deployments.runtime.engine_args import (
     EngineArgs,
@@ -68,7 +69,7 @@ def plan_for(model: Any, host: Any, args: EngineArgs, gpu_count: int | None) -> 
     )
     request = planning.PlanRequest(
         gpu_memory_bytes=min(gpu.memory_total_mib for gpu in gpus) * MIB,
-        gpu_count=len(gpus),
+        gpus_on_host=len(gpus),
         gpu_memory_utilization=args.gpu_memory_utilization
         or planning.DEFAULT_GPU_MEMORY_UTILIZATION,
         max_model_len=args.max_model_len,
@@ -211,17 +212,17 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
         )
     tp = result.tensor_parallel_size or data.gpu_count or result.per_gpu_tensor_parallel_size or 1
     _check_team_quota(data.team, tp)
-    plan_json = {
-        **result.as_json(),
-        "gpu_memory_utilization": args.gpu_memory_utilization
+    stored = StoredPlan.from_plan(
+        result,
+        gpu_memory_utilization=args.gpu_memory_utilization
         or planning.DEFAULT_GPU_MEMORY_UTILIZATION,
-    }
+    )
     timers = {
         "health_start_period_s": result.startup.health_start_period_s,
         "stall_timeout_s": result.startup.stall_timeout_s,
         "engine_ready_timeout_s": result.startup.engine_ready_timeout_s,
     }
-    return tp, tp, plan_json, timers
+    return tp, tp, stored.to_json(), timers
 
 
 def _check_team_quota(team: Team, wanted: int) -> None:
@@ -335,6 +336,6 @@ def _summary(deployment: Deployment, data: DeployRequest) -> dict[str, Any]:
         "tensor_parallel_size": deployment.tensor_parallel_size,
         "engine_args": deployment.engine_args,
         "environment": sorted(deployment.environment),
-        "plan_fits": deployment.plan.get("fits"),
+        "plan_fits": deployment.stored_plan.fits if deployment.stored_plan else None,
         "override_reason": data.override_reason[:500],
     }

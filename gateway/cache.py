@@ -170,10 +170,10 @@ def _backend(deployment: Deployment, loading_since: Any) -> Backend:
     if deployment.host_port:
         url = f"http://{engine_address(deployment.host.docker_endpoint)}:{deployment.host_port}"
     eta = None
-    estimate = (deployment.plan or {}).get("startup_estimate_s")
-    if deployment.state in WAITING and isinstance(estimate, int | float):
+    plan = deployment.stored_plan
+    if deployment.state in WAITING and plan is not None:
         since = loading_since or deployment.updated or timezone.now()
-        eta = since.timestamp() + float(estimate)
+        eta = since.timestamp() + float(plan.startup_estimate_s)
     findings = tuple(
         (str(item.get("code", "")), str(item.get("title", "")), str(item.get("remedy", "")))
         for item in deployment.diagnosis or []

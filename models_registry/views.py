@@ -14,11 +14,13 @@ import audit
 from accounts.access import get_visible_or_404, role_required, visible_teams
 from accounts.models import Role
 from audit.actions import Action, Outcome
-from core.queues import enqueue
+from core import naming
+from core.queues import enqueue, is_pending
 from models_registry import services
 from models_registry.forms import RegisterModelForm
 from models_registry.jobs import SYNC_TIMEOUT_S, sync_mount_job
 from models_registry.models import Model, ModelStatus, StorageMount
+from models_registry.sync_status import mount_syncs
 
 
 @role_required(Role.MEMBER)
@@ -31,7 +33,11 @@ def model_list(request: HttpRequest) -> HttpResponse:
         "models": models,
         "statuses": ModelStatus.choices,
         "status": status,
-        "mounts": StorageMount.objects.select_related("team") if request.user.is_admin else None,
+        "syncs": (
+            mount_syncs(StorageMount.objects.select_related("team"))
+            if request.user.is_admin
+            else None
+        ),
         "can_register": visible_teams(request.user).exists(),
     }
     return render(request, "models_registry/list.html", context)
@@ -110,9 +116,12 @@ def sync(request: HttpRequest, pk: int) -> HttpResponse:
     """Queue a sync of one mount (admins)."""
     mount = get_object_or_404(StorageMount, pk=pk)
     queue = django_rq.get_queue("default")
+    job_id = naming.sync_job_id(mount.pk)
     try:
-        queue.connection.ping()
-        job_id = enqueue(queue, sync_mount_job, mount.pk, job_timeout=SYNC_TIMEOUT_S)
+        if is_pending(queue, job_id):
+            messages.info(request, f"A sync of {mount.name} is already queued or running.")
+            return redirect("models-index")
+        enqueue(queue, sync_mount_job, mount.pk, job_id=job_id, job_timeout=SYNC_TIMEOUT_S)
     except RedisError as exc:
         audit.record(
             Action.MODELS_SYNC_REQUESTED, target=mount, outcome=Outcome.FAILED, error=str(exc)[:300]

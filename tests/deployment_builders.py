@@ -10,8 +10,11 @@ from django.conf import settings
 
 from accounts.models import Team
 from deployments.models import Deployment, EngineImage
+from deployments.planning import GIB, PlanRequest, plan
+from deployments.planning.stored import StoredPlan
 from gpus.models import Gpu, Host
 from models_registry.models import Model, StorageMount
+from models_registry.tiny_model import LLAMA_CONFIG
 
 
 def host_with_gpus(name: str = "gpu-01", count: int = 4, memory_mib: int = 81_559) -> Host:
@@ -45,6 +48,23 @@ def registered_model(team: Team, root: Path, name: str = "llama") -> Model:
 def engine_image(reference: str = "vllm/vllm-openai:v0.11.0") -> EngineImage:
     image, _ = EngineImage.objects.get_or_create(name="vllm", defaults={"reference": reference})
     return image
+
+
+def planned(
+    *, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, gpu_gib: int = 80
+) -> dict[str, Any]:
+    """A stored plan for the tiny Llama on one GPU of ``gpu_gib`` GiB, made by the planner as the
+    deploy service makes it (never a dict written by hand)."""
+    request = PlanRequest(
+        gpu_memory_bytes=gpu_gib * GIB,
+        gpus_on_host=1,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+    )
+    stored = StoredPlan.from_plan(
+        plan(LLAMA_CONFIG, request), gpu_memory_utilization=gpu_memory_utilization
+    )
+    return stored.to_json()
 
 
 def deployment(

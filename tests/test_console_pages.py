@@ -12,20 +12,15 @@ from django.test import Client
 from django.utils import timezone
 
 from accounts.models import Team, User
-from config.templatetags.berth_time import (
-    absolute,
-    duration_since,
-    load_progress,
-    relative,
-    with_offsets,
-)
+from config.templatetags.berth_time import absolute, duration_since, relative, with_offsets
 from core.queues import get_queue
 from deployments.models import Deployment, DeploymentEvent
+from deployments.progress import load_progress
 from deployments.states import State
 from models_registry.jobs import sync_mount_job
 from models_registry.models import StorageMount
 from models_registry.sync import sync_mount
-from tests.deployment_builders import deployment, host_with_gpus, registered_model
+from tests.deployment_builders import deployment, host_with_gpus, planned, registered_model
 from tests.model_dirs import write_model
 
 pytestmark = pytest.mark.django_db
@@ -95,11 +90,12 @@ def test_a_loading_deployment_shows_elapsed_time_and_its_latest_step(
     ]  # fmt: skip
     assert [offset for _, offset in with_offsets(events)] == ["+0.0 s", "+4.2 s"]
     assert duration_since(start + timedelta(seconds=125), start) == "2 min 5 s"
-    row.state, row.plan = State.LOADING, {"startup": {"total_s": 80}}
-    progress = load_progress(row, events)
+    row.state, row.plan = State.LOADING, planned(max_model_len=2048)
+    expected = row.stored_plan.startup_estimate_s
+    progress = load_progress(row, events, now=start + timedelta(seconds=40))
     assert progress.last_step == "loading weights: 50%"
-    assert (progress.expected_s, 40 <= progress.elapsed_s < 60) == (80, True)
-    assert 50 <= progress.percent < 75
+    assert (progress.expected_s, progress.elapsed_s) == (expected, 40)
+    assert progress.percent == 40 * 100 // expected
     row.plan = {}  # a CPU engine has no estimate: no percentage is made up
     assert load_progress(row, events).percent is None
     row.state = State.READY
@@ -108,14 +104,20 @@ def test_a_loading_deployment_shows_elapsed_time_and_its_latest_step(
 
 @pytest.mark.redis
 def test_a_running_sync_shows_progress_and_refreshes_then_its_result(
-    admin: User, team_a: Team, tmp_path: Path
+    admin: User, team_a: Team, tmp_path: Path, django_capture_on_commit_callbacks: Any
 ) -> None:
     mount = StorageMount.objects.create(
         name="ceph", canonical_prefix="/ceph/models", local_path=str(tmp_path),
         host_path="/mnt/ceph", container_path="/models",
     )  # fmt: skip
     write_model(tmp_path / "team-a" / "tiny")
-    get_queue("default").enqueue(sync_mount_job, mount.pk)
+    get_queue("default").empty()
+    with django_capture_on_commit_callbacks(execute=True):
+        client_for(admin).post(f"/models/mounts/{mount.pk}/sync/")
+    assert [job.func for job in get_queue("default").jobs] == [sync_mount_job]
+    again = client_for(admin).post(f"/models/mounts/{mount.pk}/sync/", follow=True)
+    assert "already queued or running" in again.content.decode()
+    assert len(get_queue("default").jobs) == 1
     html = client_for(admin).get("/models/").content.decode()
     assert "Sync queued" in html
     assert 'hx-trigger="every 2s"' in html

@@ -7,16 +7,23 @@ import json
 import subprocess
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
+from django.apps import apps as django_apps
 from django.test import AsyncClient, Client
 
 from accounts.models import Team, User
 from audit.models import AuditEvent
 from core.queues import get_queue
 from deployments.models import Deployment, EngineImage
+from deployments.planning.stored import StoredPlan
+from deployments.runtime import launcher
+from deployments.runtime.engine_args import parse_engine_args
+from deployments.services import plan_for
 from deployments.states import State
 from tests.conftest import BASE_DIR, subprocess_env
 from tests.deployment_builders import host_with_gpus, registered_model
@@ -497,3 +504,57 @@ def test_stream_channels_are_per_instance(settings: Any) -> None:
     settings.BERTH_INSTANCE = "west"
     assert channel(7) != east
     assert "west" in channel(7)
+
+
+@pytest.mark.django_db
+def test_the_loading_page_shows_the_start_up_time_the_planner_expected(
+    alice: User, setup: dict[str, Any]
+) -> None:
+    response = client_for(alice).post("/deployments/new/", form_data(setup))
+    assert response.status_code == 302
+    deployment = Deployment.objects.get(name="tiny")
+    Deployment.objects.filter(pk=deployment.pk).update(state=State.LOADING)
+    args = parse_engine_args({"max_model_len": 2048})
+    expected = plan_for(setup["model"], setup["host"], args, None).startup.total_s
+    html = client_for(alice).get(f"/deployments/{deployment.public_id}/").content.decode()
+    assert f"about {expected} s expected" in html
+    assert "<progress max=" in html  # a percentage, not the indeterminate bar
+
+
+@pytest.mark.django_db
+def test_the_live_status_shows_the_stored_port_without_rebuilding_the_spec(
+    alice: User, setup: dict[str, Any]
+) -> None:
+    client_for(alice).post("/deployments/new/", form_data(setup))
+    deployment = Deployment.objects.get(name="tiny")
+    Deployment.objects.filter(pk=deployment.pk).update(state=State.LOADING, host_port=30123)
+    page = f"/deployments/{deployment.public_id}/"
+    with mock.patch("deployments.web.views.build_spec", wraps=launcher.build_spec) as build_spec:
+        status = client_for(alice).get(page, headers={"HX-Request": "true"}).content.decode()
+        assert build_spec.call_count == 0  # the pushed fragment holds no docker run line
+        client_for(alice).get(page)
+        assert build_spec.call_count == 1  # the whole page does, once
+    assert "<html" not in status
+    assert "engine on port 30123" in status
+
+
+@pytest.mark.django_db
+def test_the_migration_types_plans_stored_before_versions(setup: dict[str, Any]) -> None:
+    migration = import_module("deployments.migrations.0003_stored_plan_version")
+    args = parse_engine_args({"max_model_len": 2048})
+    result = plan_for(setup["model"], setup["host"], args, None)
+    legacy = {**result.as_json(), "gpu_memory_utilization": 0.9}  # what was stored before
+    common = {"team": setup["team"], "model": setup["model"], "host": setup["host"]}
+    rows = [
+        Deployment.objects.create(
+            name=name, image=setup["vllm"], gpu_count=1, plan=stored, **common
+        )
+        for name, stored in (("legacy", legacy), ("cpu", {}))
+    ]
+    migration.forwards(django_apps, None)
+    legacy_row, cpu_row = (Deployment.objects.get(pk=row.pk) for row in rows)
+    assert legacy_row.stored_plan == StoredPlan.from_plan(result, gpu_memory_utilization=0.9)
+    assert cpu_row.plan == {}
+    assert cpu_row.stored_plan is None
+    migration.backwards(django_apps, None)
+    assert "version" not in Deployment.objects.get(pk=legacy_row.pk).plan

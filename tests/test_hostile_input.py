@@ -34,7 +34,7 @@ from deployments.states import State
 from models_registry.models import Model
 from models_registry.services import reinspect
 from tests.conftest import PASSWORD
-from tests.deployment_builders import host_with_gpus, registered_model, remove_engines
+from tests.deployment_builders import host_with_gpus, planned, registered_model, remove_engines
 from tests.model_dirs import write_model
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db]
@@ -211,7 +211,7 @@ def _launch_after_swap(w: World, target: Path) -> Outcome:
 def _queued(w: World, image: EngineImage) -> Deployment:
     return Deployment.objects.create(
         name="swap", team=w.team_a, model=w.model, host=w.host, image=image, gpu_count=1,
-        state=State.QUEUED, plan={"max_model_len": 2048, "gpu_memory_utilization": 0.9},
+        state=State.QUEUED, plan=planned(max_model_len=2048, gpu_memory_utilization=0.9),
     )  # fmt: skip
 
 
@@ -606,7 +606,7 @@ def pinned_launch(
         image.save()
         deployment = Deployment.objects.create(
             name=f"pinned-{len(made)}", team=team_a, model=model, host=host, image=image,
-            gpu_count=0, state=State.QUEUED, plan={"max_model_len": 2048},
+            gpu_count=0, state=State.QUEUED, engine_args={"max_model_len": 2048},
         )  # fmt: skip
         made.append(deployment)
         launcher.launch(deployment, deployment.generation)
@@ -647,7 +647,7 @@ def test_case_10_docker_is_given_the_resolved_directory_not_a_link(
     deployment = Deployment.objects.create(
         name="alias", team=team_a, model=model, host=host_with_gpus(count=0),
         image=EngineImage.objects.create(name="vllm", reference="vllm/vllm-openai:v0.11.0"),
-        gpu_count=0, plan={"max_model_len": 2048},
+        gpu_count=0, engine_args={"max_model_len": 2048},
     )  # fmt: skip
     spec = launcher.build_spec(deployment, [], 30000)
     assert spec.model_host_path == str(tmp_path / "team-a" / "llama")

@@ -307,7 +307,7 @@ def test_the_cache_volume_survives_stop_and_restart_and_goes_with_delete(
     record = Deployment.objects.create(
         name="tiny", team=team_a, model=registered_model(team_a, tmp_path, "tiny"),
         host=host_with_gpus(count=1), image=image, gpu_count=0, state=State.QUEUED,
-        plan={"max_model_len": 2048},
+        engine_args={"max_model_len": 2048},
     )  # fmt: skip
     volume = f"{settings.BERTH_INSTANCE}-cache-{record.pk}"
 

@@ -18,7 +18,7 @@ from audit.models import AuditEvent
 from deployments.models import Deployment, EngineImage, GpuAllocation
 from deployments.runtime import launcher
 from deployments.states import State
-from tests.deployment_builders import host_with_gpus, registered_model, remove_engines
+from tests.deployment_builders import host_with_gpus, planned, registered_model, remove_engines
 from tests.model_dirs import write_model
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db]
@@ -75,7 +75,7 @@ def new_deployment(
             tensor_parallel_size=max(gpu_count, 1),
             state=State.QUEUED,
             stall_timeout_s=30,
-            plan={"max_model_len": 2048, "gpu_memory_utilization": 0.9},
+            plan=planned(max_model_len=2048, gpu_memory_utilization=0.9),
         )
         made.append(deployment)
         return deployment

@@ -13,10 +13,9 @@ from accounts.models import Team
 from deployments.models import GpuAllocation
 from deployments.runtime.placement import choose_gpus
 from gpus.models import HostStatus
-from tests.deployment_builders import deployment, host_with_gpus, registered_model
+from tests.deployment_builders import deployment, host_with_gpus, planned, registered_model
 
 pytestmark = pytest.mark.django_db
-GIB_IN_MIB = 1024
 
 
 @pytest.fixture
@@ -42,7 +41,7 @@ def test_busy_and_allocated_gpus_are_skipped(host, team_a: Team, tmp_path: Path)
     holder = deployment(team_a, model, host, "holder")
     GpuAllocation.objects.create(deployment=holder, gpu=host.gpus.get(index=0), generation=1)
     wanted = deployment(team_a, model, host, "wanted", gpu_count=2)
-    wanted.plan = {"per_gpu": {"budget_bytes": 70 * GIB_IN_MIB * 1024**2}}
+    wanted.plan = planned(gpu_memory_utilization=0.875)  # 70 GiB of an 80 GiB card
     gpus, why_not = choose_gpus(wanted)
     assert (sorted(gpu.index for gpu in gpus), why_not) == ([2, 3], "")
 
@@ -51,7 +50,7 @@ def test_a_refusal_names_each_gpus_reason(host, team_a: Team, tmp_path: Path) ->
     model = registered_model(team_a, tmp_path)
     host.gpus.filter(index=3).update(seen_at=timezone.now() - timedelta(hours=1))
     wanted = deployment(team_a, model, host, "wanted", gpu_count=3)
-    wanted.plan = {"per_gpu": {"budget_bytes": 70 * GIB_IN_MIB * 1024**2}}
+    wanted.plan = planned(gpu_memory_utilization=0.875)  # 70 GiB of an 80 GiB card
     gpus, why_not = choose_gpus(wanted)
     assert gpus == []
     assert "GPU 1: " in why_not

@@ -92,7 +92,7 @@ def load(name: str) -> dict[str, Any]:
 
 def a100_40gb(**overrides: Any) -> PlanRequest:
     """The field report's host: four 40 GB cards, vLLM's default utilization."""
-    return PlanRequest(**{"gpu_memory_bytes": 40 * GIB, "gpu_count": 4, **overrides})
+    return PlanRequest(**{"gpu_memory_bytes": 40 * GIB, "gpus_on_host": 4, **overrides})
 
 
 # --- parameters and weight bytes ------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_exact_summary_overrides_the_config_estimate() -> None:
     config = load("llama-3.1-8b-instruct.json")
     summary = WeightsSummary(8_030_261_249, 16_060_522_498, {"BF16": 16_060_522_498})
 
-    result = plan(config, PlanRequest(gpu_memory_bytes=24 * GIB, gpu_count=1), summary)
+    result = plan(config, PlanRequest(gpu_memory_bytes=24 * GIB, gpus_on_host=1), summary)
 
     assert result.parameter_count == 8_030_261_249
     assert result.parameters_exact
@@ -182,7 +182,7 @@ def test_packed_int4_summary_keeps_the_config_parameter_count_and_exact_bytes() 
         1_000_000_000, 5_580_000_000, {"I32": 3_500_000_000, "F16": 2_080_000_000}
     )
 
-    result = plan(config, PlanRequest(gpu_memory_bytes=24 * GIB, gpu_count=1), summary)
+    result = plan(config, PlanRequest(gpu_memory_bytes=24 * GIB, gpus_on_host=1), summary)
 
     assert result.parameter_count == 7_615_616_512
     assert not result.parameters_exact
@@ -431,7 +431,7 @@ def test_yarn_rope_scaling_stretches_the_original_length() -> None:
 def test_qwen25_7b_heads_rule_out_tp_8() -> None:
     model = model_from_config(load("qwen2.5-7b-instruct.json"))
 
-    problems = tensor_parallel_problems(model, 8, gpu_count=8)
+    problems = tensor_parallel_problems(model, 8, gpus_on_host=8)
 
     assert valid_sizes(model, 8) == (1, 2, 4)
     assert "28 attention heads are not divisible by TP 8" in problems

@@ -1,17 +1,15 @@
-"""Times on pages, relative and absolute together, and the progress of a deployment's load.
+"""Times on pages, relative and absolute together.
 
 ::
 
     {% load berth_time %}
     {% when event.time %}                      → "12 s ago (09:30:05 UTC)"
     {% for event, offset in events|with_offsets %}{{ offset }}{% endfor %}   → "+4.2 s"
-    {% with progress=deployment|load_progress:events %}...{% endwith %}
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +20,6 @@ from django.utils.html import format_html
 register = template.Library()
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
-LOADING_STATES = ("queued", "launching", "loading")
 
 
 def relative(value: datetime, now: datetime | None = None) -> str:
@@ -80,47 +77,6 @@ def _offset(seconds: float) -> str:
         return f"+{seconds:.1f} s"
     minutes, rest = divmod(int(seconds), MINUTE)
     return f"+{minutes} min {rest} s"
-
-
-@dataclass(frozen=True)
-class LoadProgress:
-    """What the page says while a deployment starts: how long, of how long expected."""
-
-    state: str
-    elapsed_s: int
-    expected_s: int | None
-    percent: int | None
-    last_step: str
-    quiet_s: int | None
-    stall_timeout_s: int
-
-
-@register.filter
-def load_progress(deployment: Any, events: Iterable[Any] = ()) -> LoadProgress | None:
-    """The load's progress while the deployment is queued, launching or loading, else None.
-    The expected time is the plan's estimate; without one (a CPU engine) there is no bar."""
-    if deployment.state not in LOADING_STATES:
-        return None
-    rows = list(events)
-    now = timezone.now()
-    started = rows[0].time if rows else deployment.created
-    elapsed = max(int((now - started).total_seconds()), 0)
-    expected = ((deployment.plan or {}).get("startup") or {}).get("total_s")
-    percent = min(int(elapsed * 100 / expected), 99) if expected else None
-    progress = [event for event in rows if event.kind == "progress"]
-    last = progress[-1] if progress else (rows[-1] if rows else None)
-    quiet = None
-    if deployment.last_progress_at is not None:
-        quiet = max(int((now - deployment.last_progress_at).total_seconds()), 0)
-    return LoadProgress(
-        state=deployment.state,
-        elapsed_s=elapsed,
-        expected_s=int(expected) if expected else None,
-        percent=percent,
-        last_step=last.message if last is not None else "waiting for the host's worker",
-        quiet_s=quiet,
-        stall_timeout_s=deployment.stall_timeout_s,
-    )
 
 
 @register.filter

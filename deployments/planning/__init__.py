@@ -4,7 +4,7 @@ what to change when nothing fits (``suggestions``) and the start-up timers (``st
 
     from deployments.planning import GIB, PlanRequest, plan
 
-    result = plan(config, PlanRequest(gpu_memory_bytes=40 * GIB, gpu_count=4))
+    result = plan(config, PlanRequest(gpu_memory_bytes=40 * GIB, gpus_on_host=4))
 """
 
 from __future__ import annotations

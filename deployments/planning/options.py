@@ -23,13 +23,13 @@ from deployments.planning.shapes import ModelShape
 # =================================================================================================
 
 
-def tensor_parallel_problems(model: ModelShape, tp: int, gpu_count: int) -> tuple[str, ...]:
+def tensor_parallel_problems(model: ModelShape, tp: int, gpus_on_host: int) -> tuple[str, ...]:
     """Why vLLM would refuse tensor-parallel size ``tp`` for this model on a host with
-    ``gpu_count`` GPUs (vllm.md §3.7); empty when it is valid. Sizes that are not powers of two
+    ``gpus_on_host`` GPUs (vllm.md §3.7); empty when it is valid. Sizes that are not powers of two
     are valid exactly when every divisibility rule holds for them."""
     problems = [*_head_problems(model, tp), *_width_problems(model, tp)]
-    if tp > gpu_count:
-        problems.append(f"TP {tp} needs {tp} GPUs on one host; {gpu_count} available")
+    if tp > gpus_on_host:
+        problems.append(f"TP {tp} needs {tp} GPUs on one host; {gpus_on_host} available")
     return tuple(problems)
 
 
@@ -101,7 +101,7 @@ class PlanContext:
 
 
 def plan_context(model: ModelShape, weights: ModelWeights, request: PlanRequest) -> PlanContext:
-    if request.gpu_count < 1 or request.gpu_memory_bytes <= 0:
+    if request.gpus_on_host < 1 or request.gpu_memory_bytes <= 0:
         raise PlannerError("need at least one GPU with a positive memory size")
     if not 0 < request.gpu_memory_utilization <= 1:
         raise PlannerError("gpu_memory_utilization must be in (0, 1]")
@@ -121,7 +121,7 @@ def evaluate(context: PlanContext, tp: int) -> TensorParallelOption:
     model, request = context.model, context.request
     memory = gpu_memory(model, context.weights, request, tp)
     batched, _ = batching_budget(request)
-    problems = tensor_parallel_problems(model, tp, request.gpu_count)
+    problems = tensor_parallel_problems(model, tp, request.gpus_on_host)
     need = kv_bytes_for_sequence(
         model, tp, context.kv_element_bytes, context.max_model_len, batched
     )
@@ -198,7 +198,7 @@ def candidate_sizes(request: PlanRequest) -> tuple[int, ...]:
     """The tensor-parallel sizes to evaluate: 1..GPUs, or the one the request names."""
     if request.tensor_parallel_size is not None:
         return (request.tensor_parallel_size,)
-    return tuple(range(1, request.gpu_count + 1))
+    return tuple(range(1, request.gpus_on_host + 1))
 
 
 def choose(
@@ -209,10 +209,12 @@ def choose(
     return options, next((option for option in options if option.fits), None)
 
 
-def valid_sizes(model: ModelShape, gpu_count: int) -> tuple[int, ...]:
-    """Every tensor-parallel size from 1 to ``gpu_count`` that vLLM accepts for the model."""
+def valid_sizes(model: ModelShape, gpus_on_host: int) -> tuple[int, ...]:
+    """Every tensor-parallel size from 1 to ``gpus_on_host`` that vLLM accepts for the model."""
     return tuple(
-        tp for tp in range(1, gpu_count + 1) if not tensor_parallel_problems(model, tp, gpu_count)
+        tp
+        for tp in range(1, gpus_on_host + 1)
+        if not tensor_parallel_problems(model, tp, gpus_on_host)
     )
 
 

@@ -7,7 +7,8 @@ inspected, the exact numbers from its safetensors headers. No Django: the deploy
 
     from deployments.planning import GIB, PlanRequest, plan
 
-    result = plan(config, PlanRequest(gpu_memory_bytes=40 * GIB, gpu_count=4, max_model_len=8192))
+    request = PlanRequest(gpu_memory_bytes=40 * GIB, gpus_on_host=4, max_model_len=8192)
+    result = plan(config, request)
     result.tensor_parallel_size     # 4
     result.per_gpu.segments()       # weights / KV cache / overhead / headroom, for one bar per GPU
     result.reasons                  # why TP 1 and 2 were refused, in GiB
@@ -107,7 +108,7 @@ def plan(
         weights_bytes=weights.loaded_bytes,
         checkpoint_bytes=weights.checkpoint_bytes,
         kv_bytes_per_token=kv_bytes_per_token(model, context.kv_element_bytes),
-        valid_tensor_parallel_sizes=valid_sizes(model, request.gpu_count),
+        valid_tensor_parallel_sizes=valid_sizes(model, request.gpus_on_host),
         tensor_parallel_size=chosen.tensor_parallel_size if chosen else None,
         fits=chosen is not None,
         max_model_len=context.max_model_len,

@@ -47,7 +47,7 @@ class PlanRequest:
     """What the user asks for: the cards (size and count on one host) and the engine flags."""
 
     gpu_memory_bytes: int
-    gpu_count: int
+    gpus_on_host: int  # the cards of one host the plan may use (its tensor-parallel ceiling)
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     max_model_len: int | None = None
     dtype: str = "auto"

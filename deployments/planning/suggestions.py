@@ -162,8 +162,8 @@ def _variant_suggestion(
 
 def _more_gpus(context: PlanContext) -> Suggestion | None:
     request = context.request
-    for tp in range(request.gpu_count + 1, MAX_SUGGESTED_TENSOR_PARALLEL_SIZE + 1):
-        bigger = dataclasses.replace(request, gpu_count=tp, tensor_parallel_size=tp)
+    for tp in range(request.gpus_on_host + 1, MAX_SUGGESTED_TENSOR_PARALLEL_SIZE + 1):
+        bigger = dataclasses.replace(request, gpus_on_host=tp, tensor_parallel_size=tp)
         option = _fitting_option(context.model, context.weights, bigger)
         if option is not None:
             return Suggestion(

@@ -230,8 +230,9 @@ def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> Launch
     args = parse_engine_args(
         deployment.engine_args, trust_remote_code_allowed=deployment.model.remote_code_approved
     )
-    max_model_len = args.max_model_len or deployment.plan.get("max_model_len")
-    utilization = args.gpu_memory_utilization or deployment.plan.get("gpu_memory_utilization")
+    plan = deployment.stored_plan
+    max_model_len = args.max_model_len or (plan.max_model_len if plan else None)
+    utilization = args.gpu_memory_utilization or (plan.gpu_memory_utilization if plan else None)
     extra = _drop_values(args.as_argv(), ("--max-model-len", "--gpu-memory-utilization"))
     return LaunchSpec(
         deployment_id=deployment.pk,

@@ -13,7 +13,8 @@ MIB = 1024**2
 
 def memory_needed_mib(deployment: Deployment) -> int:
     """vLLM needs its whole per-GPU budget (total x utilization) free at start-up."""
-    budget = (deployment.plan.get("per_gpu") or {}).get("budget_bytes") or 0
+    plan = deployment.stored_plan
+    budget = plan.per_gpu.budget_bytes if plan and plan.per_gpu else 0
     return int(budget // MIB)
 
 

@@ -21,8 +21,10 @@ from accounts.models import Role
 from audit.actions import Action, Outcome
 from deployments import services
 from deployments.models import Deployment
+from deployments.progress import load_progress
 from deployments.runtime.engine_args import SchemaError, parse_engine_args
-from deployments.runtime.launch_spec import docker_run_line
+from deployments.runtime.launch_spec import container_kwargs, docker_run_line
+from deployments.runtime.launcher import build_spec
 from deployments.states import ACTIVE, State
 from deployments.web.forms import DeployForm
 from deployments.web.stream import sse_events
@@ -120,8 +122,9 @@ def plan_preview(request: HttpRequest) -> HttpResponse:
 @role_required(Role.MEMBER)
 def deployment_detail(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
     deployment = _load(request, public_id)
-    template = "deployments/detail.html#status" if request.htmx else "deployments/detail.html"
-    return render(request, template, _detail_context(deployment))
+    if request.htmx:
+        return render(request, "deployments/detail.html#status", _status_context(deployment))
+    return render(request, "deployments/detail.html", _detail_context(deployment))
 
 
 def _release_connections() -> None:
@@ -148,7 +151,7 @@ async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> Strea
                 pk=deployment.pk
             )
             return render_to_string(
-                "deployments/detail.html#status", _detail_context(fresh), request=request
+                "deployments/detail.html#status", _status_context(fresh), request=request
             )
         finally:
             _release_connections()  # this pool thread's: the next render may run on another
@@ -221,20 +224,30 @@ def _load(request: HttpRequest, public_id: uuid.UUID, action: Action | None = No
         raise
 
 
-def _detail_context(deployment: Deployment) -> dict:
-    allocations = deployment.allocations.filter(generation=deployment.generation).select_related(
-        "gpu"
+def _status_context(deployment: Deployment) -> dict:
+    """What the live status shows (the partial pushed over SSE and polled): never the container
+    spec — the published port it shows is the stored ``host_port``."""
+    allocations = list(
+        deployment.allocations.filter(generation=deployment.generation).select_related("gpu")
     )
+    events = list(deployment.events.filter(generation=deployment.generation).order_by("time", "id"))
     return {
         "gpu_memory": [_memory_bar(a.gpu) for a in allocations if a.active],
         "deployment": deployment,
-        "events": deployment.events.filter(generation=deployment.generation).order_by("time", "id"),
+        "events": events,
+        "progress": load_progress(deployment, events),
         "allocations": allocations,
-        "run_line": _run_line(deployment, [a.gpu for a in allocations]),
         "live": deployment.state in ACTIVE,
         "can_stop": deployment.state in ACTIVE - {State.STOPPING},
         "can_restart": deployment.state in (State.FAILED, State.STOPPED),
     }
+
+
+def _detail_context(deployment: Deployment) -> dict:
+    """The whole page: the status, and the ``docker run`` line rebuilt from the spec."""
+    context = _status_context(deployment)
+    gpus = [allocation.gpu for allocation in context["allocations"]]
+    return {**context, "run_line": _run_line(deployment, gpus)}
 
 
 def _memory_bar(gpu: Any) -> dict:
@@ -258,9 +271,6 @@ def _memory_bar(gpu: Any) -> dict:
 
 
 def _run_line(deployment: Deployment, gpus: list) -> str:
-    from deployments.runtime.launch_spec import container_kwargs
-    from deployments.runtime.launcher import build_spec
-
     try:
         spec = build_spec(deployment, gpus, deployment.host_port or 0)
     except (SchemaError, ValueError):

@@ -117,7 +117,7 @@ def _request(options: dict[str, Any]) -> PlanRequest:
     free = options["gpu_free_gib"]
     return PlanRequest(
         gpu_memory_bytes=round(options["gpu_memory_gib"] * GIB),
-        gpu_count=options["gpus"],
+        gpus_on_host=options["gpus"],
         gpu_memory_utilization=options["gpu_memory_utilization"],
         max_model_len=options["max_model_len"],
         dtype=options["dtype"],
