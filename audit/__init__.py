@@ -20,3 +20,10 @@ def audited_transaction(*args: Any, **kwargs: Any) -> Any:
     from audit.trail import audited_transaction as _audited_transaction
 
     return _audited_transaction(*args, **kwargs)
+
+
+def chain_transaction(*args: Any, **kwargs: Any) -> Any:
+    """See :func:`audit.trail.chain_transaction` (and the lock order written there)."""
+    from audit.trail import chain_transaction as _chain_transaction
+
+    return _chain_transaction(*args, **kwargs)

@@ -30,6 +30,7 @@ class Action(models.TextChoices):
     AUDIT_VERIFIED = "audit.verified", "Chain verified"
     AUDIT_EXPORTED = "audit.exported", "Audit events exported"
     AUDIT_PRUNED = "audit.pruned", "Old audit events pruned (checkpoint)"
+    REQUEST_CONTENDED = "request.contended", "Request refused: the database stayed busy"
     # Models, GPUs and deployments (written by their apps)
     MODEL_REGISTERED = "model.registered", "Model registered"
     MODEL_INSPECTED = "model.inspected", "Model inspected"

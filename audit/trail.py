@@ -8,6 +8,24 @@ Use the package-level names::
     audit.record(Action.MODEL_REGISTERED, target=model, path=model.path)
     with audit.audited_transaction(Action.DEPLOYMENT_LAUNCH_REQUESTED, target=deployment):
         ...   # on an exception: rolled back, then recorded with outcome "failed", then re-raised
+
+Lock order (PostgreSQL; SQLite serializes every write transaction with BEGIN IMMEDIATE):
+
+1. **the chain lock first.** A transaction that will record takes the chain lock (an advisory
+   lock held to the end of the transaction) before it locks or writes any row:
+   ``with chain_transaction():`` or ``lock_chain()`` as its first statement. ``record()``
+   inside it takes the lock it already holds again, which costs nothing.
+2. then rows, in this order: team, host, GPUs (by primary key), deployment, allocations.
+3. a row lock that only guards a count (a team's GPU quota) is ``FOR NO KEY UPDATE``: the
+   ``KEY SHARE`` lock an audit row's team foreign key takes does not wait for it.
+
+Why: an append holds the chain lock to the end of its transaction, and inserting the audit row
+locks its team row (``KEY SHARE``). A transaction that first locked rows and only then records
+waits for the chain lock while holding them; if the chain lock's holder needs one of those rows,
+PostgreSQL kills one of the two as a deadlock (``reserve()`` locking the team, then recording,
+against any append for that team did exactly that). Whatever still collides — work that takes
+no chain lock — is retried as a whole (``core.contention.retrying``, and every job by
+``ContextJob``); a request whose retries run out answers 503 with ``Retry-After``, audited.
 """
 
 from __future__ import annotations
@@ -170,7 +188,16 @@ def _hashed_values(event: AuditEvent) -> dict[str, Any]:
     return {name: getattr(event, name) for name in chain.HASHED_FIELDS}
 
 
-def lock_chain(using: str) -> None:
+@contextmanager
+def chain_transaction(using: str = DEFAULT_DB_ALIAS) -> Iterator[None]:
+    """``transaction.atomic()`` whose first statement takes the chain lock (see the lock order
+    above): for a transaction that writes rows and records."""
+    with transaction.atomic(using=using):
+        lock_chain(using)
+        yield
+
+
+def lock_chain(using: str = DEFAULT_DB_ALIAS) -> None:
     connection = connections[using]
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:

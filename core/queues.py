@@ -24,6 +24,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from core import context
+from core.contention import retrying
 
 DEFAULT_QUEUE = "default"
 META_KEY = "berth_audit_context"
@@ -31,7 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 class ContextJob(Job):
-    """An RQ job that runs under the audit context it was enqueued with."""
+    """An RQ job that runs under the audit context it was enqueued with. A run that database
+    contention rolled back (a deadlock) runs again, up to ``contention.ATTEMPTS`` times: every
+    Berth job is idempotent, and a launch must not die on a lock another transaction held."""
+
+    def _execute(self) -> Any:
+        return retrying(super()._execute)
 
     def perform(self) -> Any:
         close_old_connections()

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import models, transaction
+from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
@@ -200,7 +200,7 @@ class Deployment(models.Model):
         Returns False when another writer got there first."""
         old = State(self.state)
         check_transition(old, new)
-        with transaction.atomic():
+        with audit.chain_transaction():
             changed = Deployment.objects.filter(
                 pk=self.pk, state=old, generation=self.generation
             ).update(state=new, updated=timezone.now())

@@ -12,13 +12,14 @@ from functools import wraps
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError
 
 import audit
 from accounts.access import team_ids
 from accounts.models import Team
 from audit.actions import Action, Outcome
 from audit.trail import denial_reason
+from core.contention import Contended, retrying
 from deployments import planning
 from deployments.models import Deployment, EngineImage
 from deployments.planning.stored import StoredPlan
@@ -93,8 +94,13 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
     except (ValidationError, PermissionDenied) as exc:
         record_denied(user, exc, team=data.team, name=data.name)
         raise
-    try:
-        with transaction.atomic():
+    initial_state = deployment.state
+
+    def create() -> None:
+        # A rolled-back attempt leaves the instance looking saved: start each one afresh.
+        deployment.pk, deployment.state = None, initial_state
+        deployment._state.adding = True
+        with audit.chain_transaction():
             deployment.save()
             audit.record(
                 Action.DEPLOYMENT_LAUNCH_REQUESTED,
@@ -104,6 +110,19 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
             )
             deployment.transition(State.QUEUED, message=f"queued on {deployment.host.queue_name}")
             enqueue_launch(deployment)
+
+    try:
+        retrying(create)
+    except Contended as exc:
+        audit.record(
+            Action.DEPLOYMENT_LAUNCH_REQUESTED,
+            outcome=Outcome.FAILED,
+            team=data.team,
+            actor=user,
+            name=data.name,
+            reason=f"the database stayed busy (contention on every attempt): {exc}"[:2000],
+        )
+        raise
     except IntegrityError:
         exc = AlreadyDeploying(
             {
@@ -270,7 +289,7 @@ def request_stop(user: Any, deployment: Deployment) -> None:
     """Ask the host's agent to stop the engine (audited)."""
     if deployment.state not in ACTIVE - {State.STOPPING}:
         raise ValidationError({"state": f"a {deployment.state} deployment cannot be stopped"})
-    with transaction.atomic():
+    with audit.chain_transaction():
         audit.record(Action.DEPLOYMENT_STOP_REQUESTED, target=deployment, actor=user)
         if not deployment.transition(
             State.STOPPING, message=f"stop requested by {user.get_username()}"
@@ -289,7 +308,7 @@ def request_delete(user: Any, deployment: Deployment) -> None:
         raise ValidationError(
             {"state": "only a failed or stopped deployment can be deleted; stop it first"}
         )
-    with transaction.atomic():
+    with audit.chain_transaction():
         audit.record(Action.DEPLOYMENT_DELETE_REQUESTED, target=deployment, actor=user)
         enqueue_delete(deployment)
 
@@ -301,7 +320,7 @@ def request_restart(user: Any, deployment: Deployment) -> None:
         raise ValidationError(
             {"state": "only a failed or stopped deployment can be restarted; stop it first"}
         )
-    with transaction.atomic():
+    with audit.chain_transaction():
         updated = Deployment.objects.filter(
             pk=deployment.pk, generation=deployment.generation, state=deployment.state
         )

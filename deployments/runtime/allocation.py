@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError
 from django.utils import timezone
 
 import audit
@@ -44,7 +44,9 @@ def check_quota(deployment: Deployment, wanted: int, *, lock: bool = False) -> N
     transactions are serialized already)."""
     from accounts.models import Team
 
-    teams = Team.objects.select_for_update() if lock else Team.objects
+    # NO KEY UPDATE: serializes the quota check between launches without blocking the KEY SHARE
+    # an audit row's team foreign key takes (lock order: audit/trail.py).
+    teams = Team.objects.select_for_update(no_key=True) if lock else Team.objects
     team = teams.get(pk=deployment.team_id)
     if team.gpu_quota is None:
         return
@@ -62,9 +64,9 @@ def reserve(deployment: Deployment, gpus: Sequence[Any]) -> list[GpuAllocation]:
 
     ids = sorted(gpu.pk for gpu in gpus)
     try:
-        with transaction.atomic():
-            list(Gpu.objects.select_for_update().filter(pk__in=ids).order_by("pk"))
+        with audit.chain_transaction():
             check_quota(deployment, len(ids), lock=True)
+            list(Gpu.objects.select_for_update().filter(pk__in=ids).order_by("pk"))
             held = GpuAllocation.objects.filter(gpu_id__in=ids, active=True).exclude(
                 deployment=deployment
             )
@@ -93,7 +95,7 @@ def reserve(deployment: Deployment, gpus: Sequence[Any]) -> list[GpuAllocation]:
 
 def release(deployment: Deployment, *, reason: str = "") -> int:
     """Release every active allocation of the deployment; returns how many."""
-    with transaction.atomic():
+    with audit.chain_transaction():
         held = list(
             GpuAllocation.objects.filter(deployment=deployment, active=True).select_related("gpu")
         )

@@ -8,7 +8,8 @@ the browser session and the CSRF header (``X-CSRFToken``; see ``api_door``)::
 
 Answers 201 with the deployment's id and page; 400 with ``{"errors": {field: message}}`` for
 anything refused — an unknown key (``privileged``, ``cap_add``...) is named, never ignored;
-409 when the team already runs a deployment of that name; 413 for a body over
+409 when the team already runs a deployment of that name; 503 with ``Retry-After`` when
+contention rolled the request back on every retry; 413 for a body over
 ``DATA_UPLOAD_MAX_MEMORY_SIZE``. Every refusal is audited as ``denied`` and enqueues nothing.
 Not signed in (and no valid key): 401; a failed CSRF check or a role that may not deploy: 403 —
 all in JSON. A key cannot send ``override_reason``. ``GET`` lists, reads and stops deployments
@@ -30,10 +31,11 @@ from django.views.decorators.http import require_http_methods
 from accounts.access import visible_teams
 from accounts.keys import KeyUser
 from accounts.models import slug_validator
+from core.contention import Contended
 from deployments import services
 from deployments.models import EngineImage
 from deployments.web import api_deployments
-from deployments.web.api_door import principal
+from deployments.web.api_door import error, principal
 from gpus.models import Host
 from models_registry.models import Model, ModelStatus
 
@@ -87,6 +89,10 @@ def deploy(request: HttpRequest) -> JsonResponse:
             user, ValidationError(exc.errors), team=team, attempted=attempted(document)
         )
         return JsonResponse({"errors": exc.errors}, status=exc.status)
+    except Contended as exc:  # audited by the service
+        response = error("database", "the console is busy: send the request again", 503)
+        response["Retry-After"] = str(exc.retry_after_s)
+        return response
     except (ValidationError, PermissionDenied) as exc:  # audited by the service
         errors = getattr(exc, "message_dict", None) or {"team": _messages(exc)}
         status = 409 if isinstance(exc, services.AlreadyDeploying) else 400

@@ -19,6 +19,7 @@ import audit
 from accounts.access import get_visible_or_404, role_required, visible_teams
 from accounts.models import Role
 from audit.actions import Action, Outcome
+from core.contention import Contended
 from deployments import services
 from deployments.models import Deployment
 from deployments.progress import load_progress
@@ -81,6 +82,11 @@ def deploy(request: HttpRequest) -> HttpResponse:
         return render(request, "deployments/deploy.html", {"form": form})
     try:
         deployment = services.request_deployment(request.user, _deploy_request(form))
+    except Contended as exc:  # audited by the service
+        form.add_error(None, "The console is busy: submit the form again in a moment.")
+        response = render(request, "deployments/deploy.html", {"form": form}, status=503)
+        response["Retry-After"] = str(exc.retry_after_s)
+        return response
     except (ValidationError, PermissionDenied) as exc:
         _add_errors(form, exc)
         status = 409 if isinstance(exc, services.AlreadyDeploying) else 200
