@@ -83,6 +83,7 @@ SUBJECTS: dict[str, str] = {
     "gpu": "Hosts and GPUs",
     "gc": "Maintenance",
     "reconcile": "Maintenance",
+    "request": "Maintenance",
     "audit": "The audit trail",
 }
 
