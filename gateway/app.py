@@ -98,6 +98,7 @@ class Gateway:
         self.balancer = Balancer()
         self.stream_key = stream_name(config.instance)
         self._background: set[asyncio.Task] = set()
+        self._pending_writes: list[tuple[limits.Reservation | None, int, UsageRecord | None]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -397,24 +398,30 @@ class Gateway:
                 latency_ms=(time.perf_counter() - call.started) * 1000,
                 ttft_ms=ttft_ms,
             )
-        task = asyncio.create_task(self._write_after(reservation, prompt + completion, record))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._pending_writes.append((reservation, prompt + completion, record))
+        if len(self._pending_writes) == 1:  # the first since the last flush schedules one
+            task = asyncio.create_task(self._write_after())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
-    async def _write_after(
-        self, reservation: limits.Reservation | None, used: int, record: UsageRecord | None
-    ) -> None:
-        """Settle the reservation and append the usage record: one Redis round trip."""
+    async def _write_after(self) -> None:
+        """Settle the reservations and append the usage records of every request that ended
+        since the last flush: one pipeline, one Redis round trip for all of them (the flush
+        runs at the loop's next turn, so nothing waits on a timer)."""
+        writes, self._pending_writes = self._pending_writes, []
         try:
-            if reservation is not None:
-                await self.limiter.settle(reservation, used)
-            if record is not None:
-                await self.redis.xadd(
-                    self.stream_key, record.fields(), maxlen=STREAM_MAXLEN, approximate=True
-                )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for reservation, used, record in writes:
+                    if reservation is not None:
+                        limits.settle_into(pipe, reservation, used)
+                    if record is not None:
+                        pipe.xadd(
+                            self.stream_key, record.fields(), maxlen=STREAM_MAXLEN, approximate=True
+                        )
+                await pipe.execute()
         except RedisError as exc:
-            self.metrics.errors.labels("usage_lost").inc()
-            logger.error("gateway: usage of a request could not be written: %s", exc)
+            self.metrics.errors.labels("usage_lost").inc(len(writes))
+            logger.error("gateway: usage of %d requests could not be written: %s", len(writes), exc)
 
     def _audit_denial(self, prefix: str | None, reason: str, team_id: int | None) -> None:
         task = asyncio.create_task(self.refresher.audit_denial(prefix, reason, team_id))

@@ -120,21 +120,26 @@ class Limiter:
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
         """Replace the reservation by the tokens really used (may be negative: given back)."""
-        delta = used_tokens - reservation.tokens
-        if delta == 0:
-            return
         async with self.redis.pipeline(transaction=False) as pipe:
-            # INCRBY recreates a key that expired meanwhile (a request longer than the TTL):
-            # give it its TTL again so nothing outlives its window.
-            if reservation.tpm_key is not None:
-                pipe.incrby(reservation.tpm_key, delta).expire(reservation.tpm_key, MINUTE_TTL_S)
-            pipe.incrby(reservation.budget_key, delta).expire(reservation.budget_key, MONTH_TTL_S)
+            settle_into(pipe, reservation, used_tokens)
             await pipe.execute()
 
     async def month_used(self, team_id: int, now: float) -> int:
         month = time.strftime("%Y%m", time.gmtime(now))
         value = await self.redis.get(naming.gateway_key(self.instance, "budget", team_id, month))
         return int(value or 0)
+
+
+def settle_into(pipe: Any, reservation: Reservation, used_tokens: int) -> None:
+    """Queue the settling of ``reservation`` on a pipeline (see :meth:`Limiter.settle`)."""
+    delta = used_tokens - reservation.tokens
+    if delta == 0:
+        return
+    # INCRBY recreates a key that expired meanwhile (a request longer than the TTL): give it
+    # its TTL again so nothing outlives its window.
+    if reservation.tpm_key is not None:
+        pipe.incrby(reservation.tpm_key, delta).expire(reservation.tpm_key, MINUTE_TTL_S)
+    pipe.incrby(reservation.budget_key, delta).expire(reservation.budget_key, MONTH_TTL_S)
 
 
 def seconds_to_next_month(now: float) -> int:
