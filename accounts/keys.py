@@ -123,12 +123,7 @@ def create_api_key(
     try:
         wanted.check()
     except ValidationError as exc:
-        audit.record(
-            Action.API_KEY_CREATED,
-            team=team,
-            outcome=Outcome.DENIED,
-            reason=denial_reason(exc),
-        )
+        record_refused_creation(team, denial_reason(exc))
         raise
     prefix, clear = _new_clear_key()
     expires = timezone.now() + timedelta(days=wanted.expires_days) if wanted.expires_days else None
@@ -149,6 +144,11 @@ def create_api_key(
         audit.record(Action.API_KEY_CREATED, target=key, team=team, **_described(key))
         publish_keys_changed()
     return key, clear
+
+
+def record_refused_creation(team: Team, reason: str) -> None:
+    """Audit a key that was asked for and refused (a form's or a command's bad value)."""
+    audit.record(Action.API_KEY_CREATED, team=team, outcome=Outcome.DENIED, reason=reason[:500])
 
 
 def revoke_api_key(key: ApiKey, *, reason: str = "") -> bool:

@@ -19,6 +19,7 @@ urlpatterns = [
     path("gpus/", include("gpus.urls")),
     path("models/", include("models_registry.urls")),
     path("deployments/", include("deployments.web.urls")),
+    path("gateway/", include("gateway.urls")),
     path("admin/", admin.site.urls),
 ]
 

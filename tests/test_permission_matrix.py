@@ -20,6 +20,7 @@ from django.test import AsyncClient, Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 import audit
+from accounts.keys import KeySettings, create_api_key
 from accounts.models import Team, User
 from audit.actions import Action
 from deployments.models import Deployment, EngineImage
@@ -47,6 +48,10 @@ class Row:
 
 def _deployment(objects: dict[str, Any]) -> dict[str, Any]:
     return {"public_id": objects["deployment"].public_id}
+
+
+def _key(objects: dict[str, Any]) -> dict[str, Any]:
+    return {"public_id": objects["api_key"].public_id}
 
 
 # Route (as the resolver spells it) -> the requests made to it. Routes other helpers add are
@@ -115,6 +120,22 @@ ROWS: dict[str, list[Row]] = {
         ]
         for action in ("stop", "restart", "delete")
     },
+    # The gateway's pages: a team's keys and usage, a model's usage (team A's objects).
+    "gateway/teams/<slug:slug>/": [
+        Row("get", TEAM_A_PAGE, lambda o: {"slug": "team-a"}),
+        Row("post", TEAM_A_PAGE, lambda o: {"slug": "team-a"}),  # empty form: shown again
+    ],
+    "gateway/teams/<slug:slug>/usage.csv": [Row("get", TEAM_A_PAGE, lambda o: {"slug": "team-a"})],
+    "gateway/keys/<uuid:public_id>/revoke/": [
+        Row("get", (405, 405, 405, 405, 302), _key),
+        Row("post", TEAM_A_ACTION, _key),
+    ],
+    "gateway/keys/<uuid:public_id>/rotate/": [
+        Row("get", (405, 405, 405, 405, 302), _key),
+        # alice gets the new key (201); the admin then rotates a revoked key: sent back (302).
+        Row("post", (201, 404, 403, 302, 302), _key),
+    ],
+    "gateway/models/<int:pk>/": [Row("get", TEAM_A_PAGE, lambda o: {"pk": o["model"].pk})],
 }
 
 
@@ -166,7 +187,14 @@ def objects(
         state=State.READY,
     )  # fmt: skip
     event = audit.record(Action.GC_RAN)
-    return {"model": model, "host": host, "deployment": deployment, "event": event}
+    api_key, _ = create_api_key(team_a, KeySettings("matrix"))
+    return {
+        "model": model,
+        "host": host,
+        "deployment": deployment,
+        "event": event,
+        "api_key": api_key,
+    }
 
 
 @pytest.mark.parametrize(("route", "row"), CASES)

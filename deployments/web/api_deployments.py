@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import shlex
 import uuid
 from typing import Any
 
@@ -98,6 +100,19 @@ def stop(request: HttpRequest, public_id: uuid.UUID) -> JsonResponse:
 def endpoint(deployment: Deployment) -> dict[str, str]:
     """Where clients send requests for this deployment: the gateway, by its served name."""
     return {"base_url": settings.BERTH_GATEWAY_URL.rstrip("/") + "/v1", "model": deployment.name}
+
+
+def curl_line(deployment: Deployment) -> str:
+    """A request a member can paste: the key comes from ``$BERTH_API_KEY`` (keys are shown once,
+    so the page cannot hold one)."""
+    body = json.dumps(
+        {"model": deployment.name, "messages": [{"role": "user", "content": "Hello!"}]}
+    )
+    url = endpoint(deployment)["base_url"] + "/chat/completions"
+    return (
+        f'curl -sS {shlex.quote(url)} -H "Authorization: Bearer $BERTH_API_KEY" '
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
 
 
 def _summary(deployment: Deployment) -> dict[str, Any]:

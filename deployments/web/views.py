@@ -27,6 +27,7 @@ from deployments.runtime.engine_args import SchemaError, parse_engine_args
 from deployments.runtime.launch_spec import container_kwargs, docker_run_line
 from deployments.runtime.launcher import build_spec
 from deployments.states import ACTIVE, State
+from deployments.web import api_deployments
 from deployments.web.forms import DeployForm
 from deployments.web.stream import sse_events
 
@@ -253,7 +254,12 @@ def _detail_context(deployment: Deployment) -> dict:
     """The whole page: the status, and the ``docker run`` line rebuilt from the spec."""
     context = _status_context(deployment)
     gpus = [allocation.gpu for allocation in context["allocations"]]
-    return {**context, "run_line": _run_line(deployment, gpus)}
+    return {
+        **context,
+        "run_line": _run_line(deployment, gpus),
+        "endpoint": api_deployments.endpoint(deployment),
+        "curl_line": api_deployments.curl_line(deployment),
+    }
 
 
 def _memory_bar(gpu: Any) -> dict:
