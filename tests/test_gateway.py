@@ -23,7 +23,14 @@ from deployments.runtime.launcher import ensure_engine_key
 from deployments.states import State
 from gateway.models import UsageMinute
 from gpus.models import Host
-from tests.gateway_process import METRICS_TOKEN, GatewayProcess, Upstream, serve, walk
+from tests.gateway_process import (
+    METRICS_TOKEN,
+    GatewayProcess,
+    SeverableProxy,
+    Upstream,
+    serve,
+    walk,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -379,3 +386,36 @@ def _stream(gateway: GatewayProcess, key: str, body: dict) -> list[tuple[float, 
             events.append((time.monotonic(), line[6:].strip().decode()))
     connection.close()
     return events
+
+
+@pytest.mark.postgres
+def test_the_gateway_serves_from_its_cache_while_the_database_is_down(
+    llama: Any, team_a: Team, key_a: tuple[ApiKey, str]
+) -> None:
+    from django.db import connection
+
+    settings_dict = connection.settings_dict
+    proxy = SeverableProxy(
+        (settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432))
+    )
+    auth = settings_dict["USER"] + (
+        f":{settings_dict['PASSWORD']}" if settings_dict["PASSWORD"] else ""
+    )
+    url = f"postgres://{auth}@127.0.0.1:{proxy.port}/{settings_dict['NAME']}"
+    process = GatewayProcess(DATABASE_URL=url)
+    try:
+        _, clear = key_a
+        _wait_for_models(process, clear, {"llama"})
+        proxy.cut()
+        # A change the gateway is told about but cannot read: it keeps what it has.
+        _, later = create_api_key(team_a, KeySettings("made while the database is away"))
+        time.sleep(2)
+        assert process.chat(clear, "llama")[0] == 200
+        assert process.request("GET", "/healthz")[0] == 200
+        assert process.request("GET", "/v1/models", key=later)[0] == 401
+        assert "serving from cache" in process.output()
+        proxy.restore()
+        _wait_for_models(process, later, {"llama"})  # the next reload succeeds
+    finally:
+        process.stop()
+        proxy.cut()
