@@ -18,6 +18,7 @@ the host ``inventory unavailable``: nothing here invents a list of GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -322,8 +323,11 @@ def _read(source: str, docker_endpoint: str, client: Any) -> Inventory:
         return read_smi_csv()
     if source == Source.SMI_XML:
         return read_smi_xml()
+    if source == Source.DOCKER_SMI and client is not None:
+        return read_docker_smi(client)
     if source == Source.DOCKER_SMI:
-        return read_docker_smi(client or docker_client(docker_endpoint))
+        with contextlib.closing(docker_client(docker_endpoint)) as opened:
+            return read_docker_smi(opened)
     raise CollectorError(f"unknown source {source!r}")
 
 

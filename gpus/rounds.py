@@ -24,8 +24,18 @@ ATTRIBUTION = "docker-attribution"
 def collect_round(
     host: Host, *, sources: tuple[str, ...] = Source.ORDER, client: Any = None
 ) -> Collection:
-    """Collect once, attribute processes to containers, store; ``host`` is refreshed."""
+    """Collect once, attribute processes to containers, store; ``host`` is refreshed. A Docker
+    client the round opened itself is closed before it returns."""
+    given = client
     client, client_error = _client(host, client)
+    try:
+        return _round(host, sources, client, client_error)
+    finally:
+        if given is None and client is not None:
+            client.close()
+
+
+def _round(host: Host, sources: tuple[str, ...], client: Any, client_error: str) -> Collection:
     collection = collect(host.docker_endpoint, sources=sources, client=client)
     if client_error and Source.DOCKER_SMI in sources:
         collection = _replace_failure(collection, Source.DOCKER_SMI, client_error)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from accounts.models import Team
 from deployments.models import Deployment, EngineImage
 from deployments.planning import GIB, PlanRequest, plan
 from deployments.planning.stored import StoredPlan
+from deployments.runtime.engine_host import EngineHost
 from gpus.models import Gpu, Host
 from models_registry.models import Model, StorageMount
 from models_registry.tiny_model import LLAMA_CONFIG
@@ -79,6 +80,12 @@ def deployment(
         gpu_count=gpu_count,
         tensor_parallel_size=gpu_count,
     )
+
+
+def on_host(step: Callable[..., Any], deployment: Deployment, *args: Any, **kwargs: Any) -> Any:
+    """Run a launcher step as its job does: with the host's engine, closed afterwards."""
+    with EngineHost.of(deployment.host) as engine:
+        return step(engine, deployment, *args, **kwargs)
 
 
 def remove_engines(docker_client: Any, deployments: Iterable[Deployment]) -> None:

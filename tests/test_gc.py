@@ -12,6 +12,7 @@ from django.conf import settings
 
 import docker
 from audit.models import AuditEvent
+from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.gc import collect, parse_reclaimed, prune_builder_cache
 
 
@@ -70,7 +71,7 @@ def test_collect_removes_stopped_berth_containers_but_not_live_ones(
         busybox_image, ["true"], name=f"berth-test-gc-foreign-{tag}"
     )
     try:
-        result = collect(docker_client, live_deployments={f"live-{tag}"}, host="local")
+        result = collect(EngineHost(docker_client), live_deployments={f"live-{tag}"}, host="local")
         remaining = {container.name for container in docker_client.containers.list(all=True)}
         assert dead.name in result.containers_removed
         assert dead.name not in remaining

@@ -34,7 +34,13 @@ from deployments.states import State
 from models_registry.models import Model
 from models_registry.services import reinspect
 from tests.conftest import PASSWORD
-from tests.deployment_builders import host_with_gpus, planned, registered_model, remove_engines
+from tests.deployment_builders import (
+    host_with_gpus,
+    on_host,
+    planned,
+    registered_model,
+    remove_engines,
+)
 from tests.model_dirs import write_model
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db]
@@ -200,7 +206,7 @@ def _launch_after_swap(w: World, target: Path) -> Outcome:
     directory = w.root / "team-a" / "tiny"
     directory.rename(w.root / "team-a" / "tiny-as-registered")
     directory.symlink_to(target)
-    assert launcher.launch(deployment, deployment.generation).startswith("failed")
+    assert on_host(launcher.launch, deployment, deployment.generation).startswith("failed")
     deployment.refresh_from_db()
     assert deployment.state == State.FAILED
     assert deployment.diagnosis[0]["code"] == "path-changed"
@@ -239,7 +245,7 @@ def _(w: World) -> Outcome:
         mock.Mock(id=OTHER_DIGEST, attrs={"RepoDigests": [f"vllm/vllm-openai@{OTHER_DIGEST}"]})
     ]
     deployment = _queued(w, pinned)
-    assert launcher.launch(deployment, deployment.generation).startswith("failed")
+    assert on_host(launcher.launch, deployment, deployment.generation).startswith("failed")
     deployment.refresh_from_db()
     assert deployment.diagnosis[0]["code"] == "image-digest-mismatch"
     assert OTHER_DIGEST in deployment.last_error
@@ -609,7 +615,7 @@ def pinned_launch(
             gpu_count=0, state=State.QUEUED, engine_args={"max_model_len": 2048},
         )  # fmt: skip
         made.append(deployment)
-        launcher.launch(deployment, deployment.generation)
+        on_host(launcher.launch, deployment, deployment.generation)
         deployment.refresh_from_db()
         return deployment
 

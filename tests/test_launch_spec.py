@@ -296,7 +296,7 @@ def test_the_cache_volume_survives_stop_and_restart_and_goes_with_delete(
     from deployments.models import Deployment, EngineImage
     from deployments.runtime import launcher
     from deployments.states import State
-    from tests.deployment_builders import host_with_gpus, registered_model
+    from tests.deployment_builders import host_with_gpus, on_host, registered_model
     from tests.model_dirs import write_model
 
     write_model(tmp_path / "team-a" / "tiny")
@@ -314,10 +314,10 @@ def test_the_cache_volume_survives_stop_and_restart_and_goes_with_delete(
     def stop_generation(generation: int) -> None:
         Deployment.objects.filter(pk=record.pk).update(state=State.STOPPING)
         record.refresh_from_db()
-        assert launcher.stop(record, generation) == "stopped"
+        assert on_host(launcher.stop, record, generation) == "stopped"
 
     try:
-        assert launcher.launch(record, 1) == "loading"
+        assert on_host(launcher.launch, record, 1) == "loading"
         first = docker_client.containers.get(record.container_name)
         write = ["sh", "-c", "mkdir -p /berth-cache/vllm && touch /berth-cache/vllm/compiled"]
         assert first.exec_run(write).exit_code == 0
@@ -326,12 +326,12 @@ def test_the_cache_volume_survives_stop_and_restart_and_goes_with_delete(
             generation=2, state=State.QUEUED, container_id=""
         )
         record.refresh_from_db()
-        assert launcher.launch(record, 2) == "loading"
+        assert on_host(launcher.launch, record, 2) == "loading"
         second = docker_client.containers.get(record.container_name)
         assert second.name.endswith("-g2")
         assert second.exec_run(["ls", "/berth-cache/vllm/compiled"]).exit_code == 0
         stop_generation(2)
-        assert launcher.delete(record, 2) == "deleted"
+        assert on_host(launcher.delete, record, 2) == "deleted"
         assert volume not in [v.name for v in docker_client.volumes.list(filters={"name": volume})]
     finally:
         for container in docker_client.containers.list(

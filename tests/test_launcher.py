@@ -18,7 +18,13 @@ from audit.models import AuditEvent
 from deployments.models import Deployment, EngineImage, GpuAllocation
 from deployments.runtime import launcher
 from deployments.states import State
-from tests.deployment_builders import host_with_gpus, planned, registered_model, remove_engines
+from tests.deployment_builders import (
+    host_with_gpus,
+    on_host,
+    planned,
+    registered_model,
+    remove_engines,
+)
 from tests.model_dirs import write_model
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db]
@@ -90,7 +96,7 @@ def watch_until(deployment: Deployment, states: set[State]) -> None:
         deployment.refresh_from_db()
         if deployment.state in states:
             return
-        if not launcher.watch(deployment, deployment.generation):
+        if not on_host(launcher.watch, deployment, deployment.generation):
             deployment.refresh_from_db()
             break
         time.sleep(0.2)
@@ -105,7 +111,7 @@ def test_launch_loads_becomes_ready_and_stops_cleanly(
     stand_in, new_deployment, docker_client: Any
 ) -> None:
     deployment = new_deployment(stand_in())
-    assert launcher.launch(deployment, 1) == "loading"
+    assert on_host(launcher.launch, deployment, 1) == "loading"
     watch_until(deployment, {State.READY})
     states = list(deployment.events.filter(kind="state").values_list("state", flat=True))
     assert states == ["launching", "loading", "ready"]
@@ -113,7 +119,7 @@ def test_launch_loads_becomes_ready_and_stops_cleanly(
     end = time.monotonic() + DEADLINE_S
     while not deployment.events.filter(kind="progress", message="server started").exists():
         assert time.monotonic() < end, deployment.log_tail[-5:]
-        launcher.watch(deployment, 1)
+        on_host(launcher.watch, deployment, 1)
         deployment.refresh_from_db()
         time.sleep(0.1)
     assert any(line.endswith("Application startup complete.") for line in deployment.log_tail)
@@ -122,7 +128,7 @@ def test_launch_loads_becomes_ready_and_stops_cleanly(
 
     Deployment.objects.filter(pk=deployment.pk).update(state=State.STOPPING)
     deployment.refresh_from_db()
-    assert launcher.stop(deployment, 1) == "stopped"
+    assert on_host(launcher.stop, deployment, 1) == "stopped"
     assert (
         docker_client.containers.list(all=True, filters={"name": deployment.container_name}) == []
     )
@@ -132,7 +138,7 @@ def test_failing_engine_ends_failed_with_its_diagnosis_and_nothing_left(
     stand_in, new_deployment, docker_client: Any
 ) -> None:
     deployment = new_deployment(stand_in(ENGINE_FAIL="cuda-oom"))
-    launcher.launch(deployment, 1)
+    on_host(launcher.launch, deployment, 1)
     watch_until(deployment, {State.FAILED})
     assert deployment.diagnosis[0]["code"] == "cuda-oom"
     # Docker's restart policy may have restarted it before the watcher looked: either way the
@@ -149,7 +155,7 @@ def test_gpu_request_fails_cleanly_with_the_runtime_message(
     image = stand_in()
     EngineImage.objects.filter(pk=image.pk).update(gpu_capable=True)
     deployment = new_deployment(image, gpu_count=1)
-    result = launcher.launch(deployment, 1, gpus=list(deployment.host.gpus.all()))
+    result = on_host(launcher.launch, deployment, 1, gpus=list(deployment.host.gpus.all()))
     deployment.refresh_from_db()
     assert result.startswith("failed")
     assert deployment.state == State.FAILED
@@ -170,7 +176,7 @@ def test_a_retried_launch_adopts_the_container_instead_of_creating_another(
     first = launcher._create_or_adopt(docker_client, spec)  # a worker died right after this
     Deployment.objects.filter(pk=deployment.pk).update(state=State.LAUNCHING)
     deployment.refresh_from_db()
-    assert launcher.launch(deployment, 1) == "loading"
+    assert on_host(launcher.launch, deployment, 1) == "loading"
     assert deployment.container_id == first.id
     assert (
         len(
@@ -184,7 +190,7 @@ def test_a_retried_launch_adopts_the_container_instead_of_creating_another(
 
 def test_a_stale_generation_does_nothing(stand_in, new_deployment, docker_client: Any) -> None:
     deployment = new_deployment(stand_in())
-    assert launcher.launch(deployment, 0) == "stale generation: nothing to do"
+    assert on_host(launcher.launch, deployment, 0) == "stale generation: nothing to do"
     assert (
         docker_client.containers.list(
             all=True, filters={"name": f"{settings.BERTH_INSTANCE}-{deployment.pk}-g"}
@@ -201,7 +207,7 @@ def test_a_host_port_held_by_another_program_is_skipped(stand_in, new_deployment
         squatter.bind(("127.0.0.1", settings.BERTH_ENGINE_PORT_MIN))
         squatter.listen()
         deployment = new_deployment(stand_in())
-        assert launcher.launch(deployment, 1) == "loading"
+        assert on_host(launcher.launch, deployment, 1) == "loading"
     deployment.refresh_from_db()
     assert deployment.host_port == settings.BERTH_ENGINE_PORT_MIN + 1
 
@@ -210,7 +216,7 @@ def test_container_killed_while_loading_ends_failed(
     stand_in, new_deployment, docker_client: Any
 ) -> None:
     deployment = new_deployment(stand_in(ENGINE_LOAD_SECONDS="30"))
-    assert launcher.launch(deployment, 1) == "loading"
+    assert on_host(launcher.launch, deployment, 1) == "loading"
     docker_client.containers.get(deployment.container_name).kill()
     watch_until(deployment, {State.FAILED})
     assert "exited with code 137" in deployment.last_error or "restarted" in deployment.last_error
@@ -223,10 +229,10 @@ def test_container_removed_behind_berths_back_ends_failed(
     stand_in, new_deployment, docker_client: Any
 ) -> None:
     deployment = new_deployment(stand_in(ENGINE_LOAD_SECONDS="30"))
-    launcher.launch(deployment, 1)
+    on_host(launcher.launch, deployment, 1)
     docker_client.containers.get(deployment.container_name).remove(force=True)
     deployment.refresh_from_db()
-    assert launcher.watch(deployment, 1) is False
+    assert on_host(launcher.watch, deployment, 1) is False
     deployment.refresh_from_db()
     assert deployment.state == State.FAILED
     assert "disappeared" in deployment.last_error
@@ -238,14 +244,14 @@ def test_delete_removes_the_cache_volume_then_the_record(
     from audit.models import AuditEvent
 
     deployment = new_deployment(stand_in())
-    launcher.launch(deployment, 1)
+    on_host(launcher.launch, deployment, 1)
     volume = f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"
     assert docker_client.volumes.list(filters={"name": volume})
-    assert launcher.delete(deployment, 1).startswith("nothing to do")  # still running
+    assert on_host(launcher.delete, deployment, 1).startswith("nothing to do")  # still running
     Deployment.objects.filter(pk=deployment.pk).update(state=State.STOPPING)
     deployment.refresh_from_db()
-    launcher.stop(deployment, 1)
-    assert launcher.delete(deployment, 1) == "deleted"
+    on_host(launcher.stop, deployment, 1)
+    assert on_host(launcher.delete, deployment, 1) == "deleted"
     assert not Deployment.objects.filter(pk=deployment.pk).exists()
     assert not [v for v in docker_client.volumes.list(filters={"name": volume}) if v.name == volume]
     assert AuditEvent.objects.get(action="deployment.deleted").payload["volume"] == volume
@@ -257,7 +263,7 @@ def test_a_revoked_remote_code_approval_stops_the_launch_cleanly(
     deployment = new_deployment(stand_in())
     Deployment.objects.filter(pk=deployment.pk).update(engine_args={"trust_remote_code": True})
     deployment.refresh_from_db()
-    assert launcher.launch(deployment, 1).startswith("failed")
+    assert on_host(launcher.launch, deployment, 1).startswith("failed")
     deployment.refresh_from_db()
     assert deployment.state == State.FAILED
     assert "not approved for remote code" in deployment.last_error
@@ -270,7 +276,7 @@ def test_an_auditor_filtering_on_failed_finds_the_failed_launch(
     stand_in, new_deployment, carol: User
 ) -> None:
     deployment = new_deployment(stand_in(ENGINE_FAIL="cuda-oom"))
-    launcher.launch(deployment, 1)
+    on_host(launcher.launch, deployment, 1)
     watch_until(deployment, {State.FAILED})
     failed = AuditEvent.objects.get(action="deployment.state_changed", outcome="failed")
     assert failed.target_id == str(deployment.pk)

@@ -236,6 +236,7 @@ def test_a_launch_that_raises_unexpectedly_cancels_its_prewarm(
     import docker
     from deployments.models import Deployment
     from deployments.runtime import host_checks, launcher
+    from deployments.runtime.engine_host import EngineHost
     from deployments.states import State
 
     settings.BERTH_PREWARM = "on"
@@ -255,12 +256,11 @@ def test_a_launch_that_raises_unexpectedly_cancels_its_prewarm(
         raise docker.errors.APIError("500 Server Error: the daemon is restarting")
 
     monkeypatch.setattr(prewarm, "run", blocking_run)
-    monkeypatch.setattr(launcher, "docker_client", lambda deployment: object())
     monkeypatch.setattr(launcher, "_check_model_on_host", lambda deployment: None)
     monkeypatch.setattr(host_checks, "pinned_image", docker_error)
 
     with pytest.raises(docker.errors.APIError):
-        launcher.launch(record, record.generation)
+        launcher.launch(EngineHost(object()), record, record.generation)
 
     thread = next(t for t in threading.enumerate() if t.name.endswith(f"-{record.pk}"))
     thread.join(timeout=15)

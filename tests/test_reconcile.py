@@ -15,6 +15,7 @@ from django.utils import timezone
 from accounts.models import Team
 from audit.models import AuditEvent
 from deployments.models import GpuAllocation
+from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.jobs import resume
 from deployments.runtime.reconcile import reconcile_host
 from deployments.states import State
@@ -61,11 +62,12 @@ def test_reconcile(docker_client: Any, busybox_image: str, team_a: Team, tmp_pat
         0,
     )
     try:
-        too_soon = reconcile_host(host, docker_client, resume=resume)
+        too_soon = reconcile_host(host, EngineHost(docker_client), resume=resume)
         assert too_soon.orphans_removed == []  # young containers are left alone...
         assert too_soon.deployments_failed == [vanished.pk]  # ...but a loading one must exist
 
-        result = reconcile_host(host, docker_client, resume=resume, now=timezone.now() + LATER)
+        later = timezone.now() + LATER
+        result = reconcile_host(host, EngineHost(docker_client), resume=resume, now=later)
         names = {c.name for c in docker_client.containers.list(all=True)}
         assert sorted(result.orphans_removed) == sorted([orphan.name, stale.name])
         assert live.name in names
@@ -124,9 +126,9 @@ def test_a_launch_whose_worker_died_runs_again_and_adopts_its_container(
     created = launcher._create_or_adopt(docker_client, spec)  # ...and then the worker was killed
     Deployment.objects.filter(pk=record.pk).update(updated=timezone.now() - LATER)
     try:
-        result = reconcile_host(host, docker_client, resume=resume)
+        result = reconcile_host(host, EngineHost(docker_client), resume=resume)
         assert result.jobs_resumed == [f"launch-{record.pk}-1"]
-        again = reconcile_host(host, docker_client, resume=resume)
+        again = reconcile_host(host, EngineHost(docker_client), resume=resume)
         assert again.jobs_resumed == []  # queued once, not twice
         worker = run_manage("berth_worker", host.queue_name, "--burst", env=subprocess_env())
         assert worker.returncode == 0, worker.stderr
@@ -184,7 +186,7 @@ def test_a_launch_requested_while_redis_was_down_is_enqueued_by_reconcile(
     queue.empty()
     Deployment.objects.filter(pk=record.pk).update(updated=timezone.now() - LATER)
     with django_capture_on_commit_callbacks(execute=True):
-        outcome = reconcile_host(host, docker_client, resume=resume)
+        outcome = reconcile_host(host, EngineHost(docker_client), resume=resume)
     assert outcome.jobs_resumed == [f"launch-{record.pk}-1"]
     assert queue.job_ids == [f"launch-{record.pk}-1"]
     queue.empty()

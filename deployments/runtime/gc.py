@@ -5,7 +5,8 @@ binary, a timeout, a minimal environment; never a shell, which is what the field
 garbage collector got wrong). Containers and images go through the Docker SDK. Containers
 of live deployments and the images they use are never touched. The result is audited::
 
-    result = collect(docker.from_env(), live_deployments={"12", "15"})
+    with EngineHost.of(host) as engine:
+        result = collect(engine, live_deployments={"12", "15"}, host=host.name)
     result.bytes_reclaimed
 """
 
@@ -19,11 +20,10 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from django.conf import settings
-
 import audit
 from audit.actions import Action, Outcome
 from core import naming
+from deployments.runtime.engine_host import EngineHost
 
 BUILDER_PRUNE_TIMEOUT_S = 300
 DEFAULT_BUILDER_AGE_HOURS = 24
@@ -102,15 +102,12 @@ def prune_builder_cache(older_than_hours: int = DEFAULT_BUILDER_AGE_HOURS) -> in
     return parse_reclaimed(completed.stdout)
 
 
-def remove_exited_containers(
-    client: Any, live_deployments: Collection[str], instance: str = "berth"
-) -> list[str]:
+def remove_exited_containers(engine: EngineHost, live_deployments: Collection[str]) -> list[str]:
     """Remove this console's stopped containers, except those of live deployments; returns
     their names. Containers of another Berth instance on the same engine are not touched."""
     removed = []
     for status in ("exited", "dead", "created"):
-        filters = {**naming.instance_filter(instance), "status": status}
-        for container in client.containers.list(all=True, filters=filters):
+        for container in engine.containers(status=status):
             if naming.deployment_of(container.labels) in live_deployments:
                 continue
             container.remove(v=False, force=True)
@@ -128,7 +125,7 @@ def remove_dangling_images(client: Any) -> tuple[list[str], int]:
 
 
 def collect(
-    client: Any,
+    engine: EngineHost,
     *,
     live_deployments: Collection[str] = (),
     builder_age_hours: int = DEFAULT_BUILDER_AGE_HOURS,
@@ -141,10 +138,8 @@ def collect(
     except GcError as exc:
         result.errors.append(str(exc))
     try:
-        result.containers_removed = remove_exited_containers(
-            client, set(live_deployments), settings.BERTH_INSTANCE
-        )
-        result.images_removed, result.image_bytes = remove_dangling_images(client)
+        result.containers_removed = remove_exited_containers(engine, set(live_deployments))
+        result.images_removed, result.image_bytes = remove_dangling_images(engine.client)
     except Exception as exc:  # the Docker SDK raises several unrelated types (API, connection)
         result.errors.append(f"{type(exc).__name__}: {exc}"[:500])
     audit.record(

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any
 
 from django.conf import settings
 from rq import get_current_job
 
-import docker
 from core import naming
 from core.periodic import Scope, system_job
 from core.queues import enqueue, get_queue
 from deployments.models import Deployment
 from deployments.runtime import launcher
+from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.gc import collect
 from deployments.runtime.reconcile import reconcile_host
 from deployments.states import State
-from gpus.collectors import docker_client
 from gpus.models import Host
 
 LAUNCH_TIMEOUT_S = 900  # creating and starting a container; the load itself is watched
@@ -67,7 +65,8 @@ def launch_job(deployment_pk: int, generation: int) -> str:
     deployment = Deployment.objects.select_related("host", "model__mount", "team", "image").get(
         pk=deployment_pk
     )
-    result = launcher.launch(deployment, generation)
+    with EngineHost.of(deployment.host) as engine:
+        result = launcher.launch(engine, deployment, generation)
     if deployment.state == State.LOADING:
         book_watch(deployment, delay_s=0)
     return result
@@ -77,7 +76,8 @@ def watch_job(deployment_pk: int, generation: int) -> bool:
     deployment = Deployment.objects.select_related("host", "model__mount", "team", "image").get(
         pk=deployment_pk
     )
-    again = launcher.watch(deployment, generation)
+    with EngineHost.of(deployment.host) as engine:
+        again = launcher.watch(engine, deployment, generation)
     if again:
         book_watch(deployment)
     return again
@@ -87,12 +87,14 @@ def delete_job(deployment_pk: int, generation: int) -> str:
     deployment = Deployment.objects.filter(pk=deployment_pk).select_related("host", "team").first()
     if deployment is None:
         return "already deleted"
-    return launcher.delete(deployment, generation)
+    with EngineHost.of(deployment.host) as engine:
+        return launcher.delete(engine, deployment, generation)
 
 
 def stop_job(deployment_pk: int, generation: int) -> str:
     deployment = Deployment.objects.select_related("host").get(pk=deployment_pk)
-    return launcher.stop(deployment, generation)
+    with EngineHost.of(deployment.host) as engine:
+        return launcher.stop(engine, deployment, generation)
 
 
 DEPLOYMENT_JOBS = {
@@ -114,11 +116,8 @@ def gc_job(host_pk: int) -> dict:
     host = Host.objects.get(pk=host_pk)
     live_ids = Deployment.objects.active().filter(host=host).values_list("pk", flat=True)
     live = {str(pk) for pk in live_ids}
-    client = _host_client(host)
-    try:
-        result = collect(client, live_deployments=live, host=host.name)
-    finally:
-        client.close()
+    with EngineHost.of(host) as engine:
+        result = collect(engine, live_deployments=live, host=host.name)
     return {"bytes_reclaimed": result.bytes_reclaimed, "errors": result.errors}
 
 
@@ -126,15 +125,8 @@ def gc_job(host_pk: int) -> dict:
 def reconcile_job(host_pk: int) -> dict:
     """Reconcile one host's containers with the records (on agent start and on a schedule)."""
     host = Host.objects.get(pk=host_pk)
-    client = _host_client(host)
-    try:
-        return asdict(reconcile_host(host, client, resume=resume))
-    finally:
-        client.close()
-
-
-def _host_client(host: Any) -> docker.DockerClient:
-    return docker_client(host.docker_endpoint)
+    with EngineHost.of(host) as engine:
+        return asdict(reconcile_host(host, engine, resume=resume))
 
 
 def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:

@@ -9,7 +9,6 @@ stored with its diagnosis — nothing is left behind.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import http.client
 import re
@@ -33,6 +32,7 @@ from deployments.models import Deployment, DeploymentEvent, EventKind
 from deployments.runtime import allocation, host_checks
 from deployments.runtime.diagnostics import Finding, diagnose
 from deployments.runtime.engine_args import SchemaError
+from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.launch_spec import (
     LaunchSpec,
     container_kwargs,
@@ -78,17 +78,12 @@ class Health:
     detail: str = ""
 
 
-def docker_client(deployment: Deployment) -> docker.DockerClient:
-    """The Docker engine of the deployment's host (the same client the host's agent uses)."""
-    from gpus.collectors import docker_client as host_docker_client
-
-    return host_docker_client(deployment.host.docker_endpoint)
-
-
 # --- launch ---------------------------------------------------------------------------------
 
 
-def launch(deployment: Deployment, generation: int, *, gpus: Sequence[Any] = ()) -> str:
+def launch(
+    engine: EngineHost, deployment: Deployment, generation: int, *, gpus: Sequence[Any] = ()
+) -> str:
     """Create (or adopt) and start the container; ``loading`` on success, ``failed`` with a
     diagnosis otherwise. Returns what happened, for the job's result."""
     if deployment.generation != generation:
@@ -97,25 +92,21 @@ def launch(deployment: Deployment, generation: int, *, gpus: Sequence[Any] = ())
         deployment.refresh_from_db()
     if deployment.state != State.LAUNCHING:
         return f"deployment is {deployment.state}: nothing to do"
-    client = docker_client(deployment)
     spec = None
     try:
         _check_model_on_host(deployment)
         start_prewarm(deployment)  # reads the weights into the page cache while the engine starts
-        image = host_checks.pinned_image(client, deployment)
+        image = host_checks.pinned_image(engine.client, deployment)
         held = _hold_gpus(deployment, gpus)
-        spec, container = _start_on_a_free_port(client, deployment, held, image)
+        spec, container = _start_on_a_free_port(engine, deployment, held, image)
     except (LaunchFailure, host_checks.Refused) as exc:
-        _fail_launch(deployment, client, spec, exc)
+        _fail_launch(engine, deployment, spec, exc)
         return f"failed: {exc}"
     except BaseException:  # the job fails (and is retried): no prewarm for a launch not made
         cancel_prewarm(deployment.pk)
         raise
     with transaction.atomic():
-        Deployment.objects.filter(pk=deployment.pk).update(
-            container_id=container.id, last_progress_at=timezone.now()
-        )
-        deployment.container_id = container.id
+        deployment.store(container_id=container.id, last_progress_at=timezone.now())
         deployment.transition(
             State.LOADING,
             message=f"container {spec.container_name} started",
@@ -161,7 +152,7 @@ def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
 
 
 def _start_on_a_free_port(
-    client: docker.DockerClient, deployment: Deployment, gpus: list[Any], image: str | None = None
+    engine: EngineHost, deployment: Deployment, gpus: list[Any], image: str | None = None
 ) -> tuple:
     """Create and start the container; when another program holds the chosen host port, remove
     the container and try the next port (Berth only knows its own engines' ports)."""
@@ -175,14 +166,13 @@ def _start_on_a_free_port(
         if image:  # pinned: create from the verified image id, not a name that could move
             spec = dataclasses.replace(spec, image=image)
         try:
-            return spec, _create_or_adopt(client, spec)
+            return spec, _create_or_adopt(engine.client, spec)
         except LaunchFailure as exc:
             if not any(finding.code == "port-in-use" for finding in exc.findings):
                 raise
-            _remove_container(client, spec.container_name)
+            engine.remove_container(spec.container_name)
             taken.add(spec.host_port)
-            Deployment.objects.filter(pk=deployment.pk).update(host_port=None)
-            deployment.host_port = None
+            deployment.store(host_port=None)
     raise LaunchFailure(
         f"ports {sorted(taken)} on {deployment.host.name} are all held by other programs"
     )
@@ -200,8 +190,7 @@ def _port(deployment: Deployment, taken: set[int] = frozenset()) -> int:
     )
     for port in range(settings.BERTH_ENGINE_PORT_MIN, settings.BERTH_ENGINE_PORT_MAX + 1):
         if port not in used:
-            Deployment.objects.filter(pk=deployment.pk).update(host_port=port)
-            deployment.host_port = port
+            deployment.store(host_port=port)
             return port
     raise LaunchFailure(
         f"no free engine port left on {deployment.host.name} "
@@ -310,30 +299,25 @@ def _docker_failure(exc: docker.errors.APIError, spec: LaunchSpec) -> LaunchFail
 
 
 def _fail_launch(
+    engine: EngineHost,
     deployment: Deployment,
-    client: docker.DockerClient,
     spec: LaunchSpec | None,
     exc: LaunchFailure | host_checks.Refused,
 ) -> None:
-    name = spec.container_name if spec else deployment.container_name
-    _remove_container(client, name)
-    allocation.release(deployment, reason="launch failed")
-    fail(deployment, str(exc), [finding.as_json() for finding in exc.findings])
+    engine.remove_container(spec.container_name if spec else deployment.container_name)
+    fail(deployment, str(exc), [finding.as_json() for finding in exc.findings], release=True)
 
 
-def _remove_container(client: docker.DockerClient, name: str) -> None:
-    with contextlib.suppress(docker.errors.NotFound):
-        client.containers.get(name).remove(force=True)
-
-
-def fail(deployment: Deployment, error: str, diagnosis: list[dict[str, Any]]) -> None:
-    """Store the error and diagnosis, then move to ``failed`` (with a diagnosis event)."""
+def fail(
+    deployment: Deployment, error: str, diagnosis: list[dict[str, Any]], *, release: bool = False
+) -> None:
+    """Store the error and diagnosis, then move to ``failed`` (with a diagnosis event); with
+    ``release``, the deployment's GPUs are released in the same transaction."""
     cancel_prewarm(deployment.pk)
     with transaction.atomic():
-        Deployment.objects.filter(pk=deployment.pk).update(
-            last_error=error[:4000], diagnosis=diagnosis
-        )
-        deployment.last_error, deployment.diagnosis = error, diagnosis
+        if release:
+            allocation.release(deployment, reason=f"failed: {error}"[:200])
+        deployment.store(last_error=error[:4000], diagnosis=diagnosis)
         if diagnosis:
             DeploymentEvent.objects.create(
                 deployment=deployment,
@@ -350,7 +334,7 @@ def fail(deployment: Deployment, error: str, diagnosis: list[dict[str, Any]]) ->
 # --- watching ---------------------------------------------------------------------------------
 
 
-def watch(deployment: Deployment, generation: int) -> bool:
+def watch(engine: EngineHost, deployment: Deployment, generation: int) -> bool:
     """One look at the engine: logs, milestones, container state, health. Returns whether to
     look again (the job re-enqueues itself; nothing sleeps for minutes)."""
     if deployment.generation != generation or deployment.state not in (
@@ -359,21 +343,17 @@ def watch(deployment: Deployment, generation: int) -> bool:
         State.UNHEALTHY,
     ):
         return False
-    client = docker_client(deployment)
-    try:
-        container = client.containers.get(deployment.container_id or deployment.container_name)
-        container.reload()
-    except docker.errors.NotFound:
-        allocation.release(deployment, reason="container vanished")
-        fail(deployment, f"the container {deployment.container_name} disappeared", [])
+    container = engine.container(deployment.container_id or deployment.container_name)
+    if container is None:
+        fail(deployment, f"the container {deployment.container_name} disappeared", [], release=True)
         return False
     _read_new_logs(deployment, container)
     restarts = int(container.attrs.get("RestartCount") or 0)
     state = container.attrs.get("State", {})
     if state.get("Status") in ("exited", "dead") or restarts >= RESTART_LOOP:
-        _engine_died(deployment, client, container, state, restarts)
+        _engine_died(deployment, container, state, restarts)
         return False
-    return _check_health(deployment)
+    return _check_health(engine, deployment)
 
 
 def _read_new_logs(deployment: Deployment, container: Any) -> list[str]:
@@ -392,8 +372,7 @@ def _read_new_logs(deployment: Deployment, container: Any) -> list[str]:
     if lines:
         _record_progress(deployment, lines)
         tail = (deployment.log_tail + lines)[-LOG_TAIL_LINES:]
-        Deployment.objects.filter(pk=deployment.pk).update(logs_read_until=newest, log_tail=tail)
-        deployment.logs_read_until, deployment.log_tail = newest, tail
+        deployment.store(logs_read_until=newest, log_tail=tail)
         publish(deployment.pk, "log")
     return lines
 
@@ -430,13 +409,10 @@ def _record_progress(deployment: Deployment, lines: list[str]) -> None:
             for message in dict.fromkeys(milestones)
         ]
     )
-    Deployment.objects.filter(pk=deployment.pk).update(last_progress_at=now)
-    deployment.last_progress_at = now
+    deployment.store(last_progress_at=now)
 
 
-def _engine_died(
-    deployment: Deployment, client: docker.DockerClient, container: Any, state: dict, restarts: int
-) -> None:
+def _engine_died(deployment: Deployment, container: Any, state: dict, restarts: int) -> None:
     exit_code = state.get("ExitCode")
     findings = diagnose(
         deployment.log_tail, exit_code=exit_code, oom_killed=bool(state.get("OOMKilled"))
@@ -448,26 +424,26 @@ def _engine_died(
         else f"the engine exited with code {exit_code}"
     )
     container.remove(force=True)
-    allocation.release(deployment, reason="engine exited")
     fail(
         deployment,
         what + (f": {findings[0].title}" if findings else ""),
         [f.as_json() for f in findings],
+        release=True,
     )
 
 
-def _check_health(deployment: Deployment) -> bool:
+def _check_health(engine: EngineHost, deployment: Deployment) -> bool:
     health = probe(settings.BERTH_ENGINE_BIND, deployment.host_port)
     now = timezone.now()
     if deployment.state == State.LOADING:
         if health.state == "healthy":
-            Deployment.objects.filter(pk=deployment.pk).update(ready_at=now)
+            deployment.store(ready_at=now)
             cancel_prewarm(deployment.pk)  # the engine has read its weights
             deployment.transition(State.READY, message="the engine answers /health")
             return True
         stalled_for = (now - (deployment.last_progress_at or deployment.updated)).total_seconds()
         if stalled_for > deployment.stall_timeout_s:
-            _stalled(deployment, stalled_for)
+            _stalled(engine, deployment, stalled_for)
             return False
         return True
     if health.state == "healthy" and deployment.state == State.UNHEALTHY:
@@ -477,16 +453,14 @@ def _check_health(deployment: Deployment) -> bool:
     return True
 
 
-def _stalled(deployment: Deployment, seconds: float) -> None:
-    client = docker_client(deployment)
+def _stalled(engine: EngineHost, deployment: Deployment, seconds: float) -> None:
     findings = [f for f in diagnose(deployment.log_tail) if f.code != "none"]
-    _remove_container(client, deployment.container_name)
-    allocation.release(deployment, reason="stalled")
+    engine.remove_container(deployment.container_name)
     message = (
         f"no loading progress for {seconds:.0f} s (stall timeout {deployment.stall_timeout_s} s); "
         "the last log lines are on this page"
     )
-    fail(deployment, message, [f.as_json() for f in findings])
+    fail(deployment, message, [f.as_json() for f in findings], release=True)
 
 
 def probe(address: str, port: int | None) -> Health:
@@ -510,17 +484,13 @@ def probe(address: str, port: int | None) -> Health:
 # --- stopping ---------------------------------------------------------------------------------
 
 
-def stop(deployment: Deployment, generation: int) -> str:
+def stop(engine: EngineHost, deployment: Deployment, generation: int) -> str:
     """Stop gracefully (SIGTERM, then kill after the timeout), keep the log tail, remove the
     container, release the GPUs."""
     if deployment.generation != generation or deployment.state != State.STOPPING:
         return "nothing to do"
     cancel_prewarm(deployment.pk)
-    client = docker_client(deployment)
-    try:
-        container = client.containers.get(deployment.container_id or deployment.container_name)
-    except docker.errors.NotFound:
-        container = None
+    container = engine.container(deployment.container_id or deployment.container_name)
     if container is not None:
         container.stop(timeout=settings.BERTH_STOP_TIMEOUT_S)
         _read_new_logs(deployment, container)
@@ -530,21 +500,18 @@ def stop(deployment: Deployment, generation: int) -> str:
     return "stopped"
 
 
-def delete(deployment: Deployment, generation: int) -> str:
+def delete(engine: EngineHost, deployment: Deployment, generation: int) -> str:
     """Remove the deployment's leftovers on the host (any generation's container, the cache
     volume), then the record itself; only for a failed or stopped deployment."""
     if deployment.generation != generation or deployment.state not in (State.FAILED, State.STOPPED):
         return "nothing to do: the deployment was restarted meanwhile"
-    client = docker_client(deployment)
     removed = []
-    ours = naming.instance_filter(settings.BERTH_INSTANCE)
-    for container in client.containers.list(all=True, filters=ours):
+    for container in engine.containers():
         if naming.deployment_of(container.labels) == str(deployment.pk):
             container.remove(force=True)
             removed.append(container.name)
     volume_name = naming.cache_volume(deployment.pk, settings.BERTH_INSTANCE)
-    with contextlib.suppress(docker.errors.NotFound):
-        client.volumes.get(volume_name).remove(force=True)
+    engine.remove_volume(volume_name)
     with transaction.atomic():
         allocation.release(deployment, reason="deleted")
         audit.record(

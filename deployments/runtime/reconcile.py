@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -27,6 +26,7 @@ from core import naming
 from core.queues import get_queue, is_pending
 from deployments.models import Deployment, GpuAllocation
 from deployments.runtime import allocation
+from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.launcher import fail
 from deployments.states import ACTIVE, State
 
@@ -44,7 +44,7 @@ class ReconcileResult:
 
 def reconcile_host(
     host: Any,
-    client: Any,
+    engine: EngineHost,
     *,
     resume: Callable[[str, Deployment], Any],
     now: datetime | None = None,
@@ -53,11 +53,8 @@ def reconcile_host(
     ``resume(kind, deployment)`` enqueues a lost ``launch``/``stop``/``watch`` job again."""
     now = now or timezone.now()
     result = ReconcileResult()
-    containers = client.containers.list(
-        all=True, filters=naming.instance_filter(settings.BERTH_INSTANCE)
-    )
     by_deployment: dict[str, list[Any]] = {}
-    for container in containers:
+    for container in engine.containers():
         by_deployment.setdefault(naming.deployment_of(container.labels), []).append(container)
     _remove_orphans(host, by_deployment, now, result)
     _fail_vanished(host, by_deployment, now, result)
@@ -104,12 +101,12 @@ def _fail_vanished(
         names = {container.name for container in by_deployment.get(str(deployment.pk), [])}
         if deployment.container_name in names:
             continue
-        allocation.release(deployment, reason="container vanished")
         fail(
             deployment,
             f"the container {deployment.container_name} is gone from {host.name} "
             "(removed outside Berth, or the host was rebuilt)",
             [],
+            release=True,
         )
         result.deployments_failed.append(deployment.pk)
 

@@ -30,6 +30,7 @@ from deployments.runtime.stand_in import (
     build_engine_image,
     engine_health_command,
 )
+from gpus.collectors import docker_client
 from gpus.hosts import local_host_name, register_host
 from gpus.models import Host
 from models_registry.models import StorageMount
@@ -105,8 +106,6 @@ class Command(BaseCommand):
 
 def ensure_stand_in_image(report: DemoReport) -> EngineImage:
     """Build the stand-in image on the local engine when missing and allow-list it (CPU)."""
-    from gpus.collectors import docker_client
-
     try:
         client = docker_client()
         client.ping()

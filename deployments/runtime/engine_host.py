@@ -1,0 +1,61 @@
+"""One GPU host's Docker engine, opened for one job and closed after it: the adapter that launch,
+watch, stop, delete, reconcile and garbage collection are given::
+
+    with EngineHost.of(deployment.host) as engine:
+        launcher.watch(engine, deployment, generation)
+
+It owns the connection (closed when the block ends, whatever happens inside) and the few engine
+operations Berth repeats: find a container, remove one, list this console's, remove a volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+
+import docker
+from core import naming
+from gpus import collectors
+
+
+class EngineHost:
+    """A Docker client for one host, and the operations Berth repeats on it. ``client`` is the
+    Docker SDK client itself, for what only one caller does."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    @classmethod
+    @contextlib.contextmanager
+    def of(cls, host: Any) -> Iterator[EngineHost]:
+        """The engine of ``host`` (its ``docker_endpoint``), closed when the block ends."""
+        client = collectors.docker_client(host.docker_endpoint)
+        try:
+            yield cls(client)
+        finally:
+            client.close()
+
+    def container(self, name_or_id: str) -> Any | None:
+        """The container, or None when the engine has none by that name or id."""
+        try:
+            return self.client.containers.get(name_or_id)
+        except docker.errors.NotFound:
+            return None
+
+    def remove_container(self, name_or_id: str) -> None:
+        """Remove the container (running or not); nothing to do when it is gone."""
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.containers.get(name_or_id).remove(force=True)
+
+    def containers(self, **filters: str) -> list[Any]:
+        """This console's containers (``BERTH_INSTANCE``), running or not, with extra filters."""
+        ours = {**naming.instance_filter(settings.BERTH_INSTANCE), **filters}
+        return self.client.containers.list(all=True, filters=ours)
+
+    def remove_volume(self, name: str) -> None:
+        """Remove the volume; nothing to do when it is gone."""
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.volumes.get(name).remove(force=True)
