@@ -43,7 +43,7 @@ HOSTS = 125
 GPUS_PER_HOST = 8
 REQUESTS = 2_000  # per run: 10,000 decisions in all
 BRUTE_FORCE_CASES = 3_000
-P95_TARGET_MS = 50  # performance.md §5.2 B8
+P95_TARGET_MS = 50  # B8 in benchmarks/README.md
 P99_TARGET_MS = 100
 SEED = 20261127
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)

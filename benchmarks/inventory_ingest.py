@@ -49,9 +49,9 @@ from benchmarks._common import (
 
 FIXTURE = BASE_DIR / "tests" / "fixtures" / "gpu" / "h100-80gb" / "nvml-busy.json"
 GPUS_PER_HOST = 8
-TARGET_PER_S = 10 * 100 * GPUS_PER_HOST / 5  # performance.md §5.2 B9
+TARGET_PER_S = 10 * 100 * GPUS_PER_HOST / 5  # B9 in benchmarks/README.md
 LATENCY_TARGET_MS = 100
-AGENT_WALL_TARGET_MS = 50  # §5.2 B14: per 8-GPU snapshot
+AGENT_WALL_TARGET_MS = 50  # B14 in benchmarks/README.md: per 8-GPU snapshot
 
 
 class FixtureNvml:

@@ -2,7 +2,7 @@
 
 Times ``gpus.collectors.read_nvml()`` — the agent's first source: every field Berth reads from
 NVML for every GPU (``Nvml.dump``), then ``parse_nvml_json`` — ``--reads`` times, and the two
-halves apart. Counts ``nvmlInit`` calls (must be 1 per process, performance.md §5.2 B14; target
+halves apart. Counts ``nvmlInit`` calls (must be 1 per process, B14 in benchmarks/README.md; target
 <= 50 ms wall per 8-GPU snapshot, extrapolated from the GPUs present when there are fewer than
 eight: a calculation, said so in the output). Where NVML finds no GPU (this repository's CI
 machine) it says so and records nothing::

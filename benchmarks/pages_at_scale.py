@@ -21,7 +21,7 @@ Pages (signed in as an admin, who sees every team's deployments): the dashboard 
 deployments list, the GPU index, one GPU's history (default 6 h window and 24 h), and the
 Django admin changelists of ``Deployment``, ``Gpu`` and ``GpuSnapshot`` (the last registered
 on a separate admin site in the server process only: the app does not list snapshots in the
-admin). The load process GETs a host's page in a loop. Targets (performance.md §5.2, B10):
+admin). The load process GETs a host's page in a loop. Targets (B10 in benchmarks/README.md):
 p95 <= 300 ms and <= 10 SQL queries per page.
 
 Audit review at 1,000,000 events is measured by ``benchmarks/audit_review.py``.
@@ -61,7 +61,7 @@ GPUS_PER_HOST = 8
 TEAMS = 10
 DEPLOYMENTS = 500
 SNAPSHOT_INTERVAL_S = 5
-P95_TARGET_MS = 300  # performance.md §5.2 B10
+P95_TARGET_MS = 300  # B10 in benchmarks/README.md
 QUERY_TARGET = 10  # ditto: <= 10 SQL queries per page
 SERVER_START_S = 60
 LOG = Path(__file__).resolve().parent.parent / "var" / "bench" / f"pages_at_scale-{os.getpid()}.log"

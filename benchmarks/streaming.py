@@ -51,7 +51,7 @@ CHANGE_DEADLINE_S = 30
 BATCH = 100  # connections opened at once
 P99_TARGET_S = 1.0
 FULL_SIZE = 1000  # viewers the target names; smaller runs are recorded, not judged
-RSS_TARGET_KB = 100  # per stream, performance.md §5.2 B11
+RSS_TARGET_KB = 100  # per stream, B11 in benchmarks/README.md
 
 
 def parse_args() -> argparse.Namespace:

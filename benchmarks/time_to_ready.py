@@ -13,7 +13,7 @@ process's cache too), read everything, and check that the files are resident aft
 
 Readers: ``dd if=F of=/dev/null bs=16M`` and ``cat F... > /dev/null`` (child processes,
 argument lists), and ``deployments.runtime.prewarm.Prewarmer`` (``BERTH_PREWARM_THREADS``
-threads, 64 MiB chunks, 16 MiB reads; also with 1 thread). Target (performance.md §5, B2):
+threads, 64 MiB chunks, 16 MiB reads; also with 1 thread). Target (B2 in benchmarks/README.md):
 prewarm >= 90% of dd's throughput.
 
 Then what a prewarm saves an engine's load. The stand-in engine reads no weights
@@ -22,8 +22,8 @@ safetensors' default loader reads: mmap each file and touch every 4 KiB page in 
 (nothing cached) against after a prewarm. The sequential read vs the mmap faults is also this
 disk's figure for vLLM's ``eager``/``prefetch`` load strategies against the default mmap.
 
-Last, the table of what each lever saves, from shared/reference/performance.md (sections
-cited) and from this run, and one JSON line.
+Last, the table of what each lever saves, published (the source named in each row) and from
+this run, and one JSON line.
 """
 
 from __future__ import annotations
@@ -202,36 +202,36 @@ def measure_engine_load(files: list[Path], rounds: int, threads: int) -> dict[st
 
 
 def levers(engine: dict[str, float], dd_rate: float, sequential_rate: float) -> list[tuple]:
-    """What each lever saves: the reference's published figures and this run's."""
+    """What each lever saves: published figures (source in brackets) and this run's."""
     return [
         (
             "prewarm (page cache)",
-            "§1.4 item 2: 140 GB from NFS at ~0.2 GB/s ~12 min -> ~10 s from page cache "
-            "[vllm#19824]; §1.1: 70B weights ~10 s hot",
+            "140 GB from NFS at ~0.2 GB/s ~12 min -> ~10 s from page cache "
+            "[vllm#19824]; 70B weights ~10 s hot",
             f"mmap load {engine['cold_mmap_s']:.2f} s cold -> {engine['warm_mmap_s']:.2f} s "
             f"after prewarm ({engine['prewarm_s']:.2f} s, overlapping container start)",
         ),
         (
             "load strategy eager/prefetch",
-            "§1.2: mmap on network volumes 30-50x slower [ComfyUI#2288]; SGLang threaded load "
+            "mmap on network volumes 30-50x slower [ComfyUI#2288]; SGLang threaded load "
             "24:46 -> 6:11 [sglang#18124]",
             f"this disk: sequential read {sequential_rate:.2f} GB/s vs mmap faults "
             f"{engine['bytes'] / engine['cold_mmap_s'] / GB:.2f} GB/s (local, not network)",
         ),
         (
             "Run:ai streamer",
-            "§1.3: Llama-3-8B GP3 47.99 s -> 14.34 s (concurrency 16); IO2 7.53 s, ~6x",
+            "Llama-3-8B GP3 47.99 s -> 14.34 s (concurrency 16); IO2 7.53 s, ~6x [NVIDIA blog]",
             "not measurable here (no GPU, no vLLM image); flags chosen per storage kind",
         ),
         (
             "compile cache kept",
-            "§1.1/§1.4 item 6 [tensorfuse]: 8B compile 42 -> 13 s, capture 54 -> 7 s; 70B "
+            "[tensorfuse]: 8B compile 42 -> 13 s, capture 54 -> 7 s; 70B "
             "saves most of ~70 s torch.compile",
             "not timed (no GPU); the cache volume survives stop/restart (tests/test_launch_spec)",
         ),
         (
             "reference storage ceiling",
-            "§1.2: Gen4 NVMe ~7 GB/s (140 GB ~21 s); 10 GbE 1.25 GB/s (112 s)",
+            "Gen4 NVMe ~7 GB/s (140 GB ~21 s); 10 GbE 1.25 GB/s (112 s)",
             f"this disk: dd {dd_rate:.2f} GB/s",
         ),
     ]
@@ -295,7 +295,7 @@ def main() -> None:
 
     table = levers(engine, dd_median, prewarm_median)
     print("\nWhat each lever saves")
-    print_table(table, ("lever", "reference (performance.md)", "this run"))
+    print_table(table, ("lever", "published", "this run"))
     emit_json(
         "time_to_ready",
         {

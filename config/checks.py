@@ -1,4 +1,5 @@
-"""System checks Django's ``check --deploy`` does not make (reliability-security.md §2.1)."""
+"""System checks Django's ``check --deploy`` does not make: a weak SECRET_KEY of our own
+shape, a missing CSP, empty password validators, login throttling."""
 
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def check_secret_key(app_configs: Any, **kwargs: Any) -> list[Error]:
 @register(Tags.security, deploy=True)
 def check_login_throttling(app_configs: Any, **kwargs: Any) -> list[Warning]:
     """django-axes must lock a username from one address, for a while: locking by address alone
-    lets one client behind the proxy lock everyone out (reliability-security.md §2.5)."""
+    lets one client behind the proxy lock everyone out (django-axes' default locks by address,
+    forever)."""
     problems = []
     if not getattr(settings, "AXES_ENABLED", True):
         problems.append("AXES_ENABLED is off: sign-in attempts are not throttled")

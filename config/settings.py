@@ -179,7 +179,8 @@ AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",  # first: counts failures, refuses locked-out logins
     "django.contrib.auth.backends.ModelBackend",
 ]
-# Login throttling (reliability-security.md §2.5): lock a *username from one address* after 5
+# Login throttling (django-axes; its defaults lock an address permanently): lock a *username from
+# one address* after 5
 # failures for 15 minutes — locking by address alone would let one attacker behind the proxy
 # lock everyone out, and a permanent lockout would need an admin each time.
 AXES_ENABLED = env_bool("AXES_ENABLED", default=True)
@@ -324,11 +325,12 @@ if BERTH_METRICS_TOKEN and len(BERTH_METRICS_TOKEN) < 24:
 
 # --- GPU inventory ---------------------------------------------------------------------------
 # How often each host's agent collects (dcgm-exporter's default is 30 s; NVML calls are cheap
-# once initialised, see shared/reference/performance.md §3).
+# once nvmlInit has run — it is the init that costs, NVIDIA/mig-parted PR #332).
 BERTH_AGENT_INTERVAL_S = env_int("BERTH_AGENT_INTERVAL_S", default=15, minimum=1, maximum=3600)
 # A host is offline (and gets no placements) after this many intervals without a heartbeat.
 BERTH_AGENT_OFFLINE_AFTER = env_int("BERTH_AGENT_OFFLINE_AFTER", default=3, minimum=2)
-# Placement refuses readings older than this many intervals (performance.md §4.4: ~2x).
+# Placement refuses readings older than this many intervals (2: one late reading is tolerated,
+# two are not).
 BERTH_GPU_STALE_AFTER = env_int("BERTH_GPU_STALE_AFTER", default=2, minimum=1)
 # Memory held by processes Berth did not start above which a GPU is flagged and not chosen.
 BERTH_GPU_FOREIGN_THRESHOLD_MIB = env_int("BERTH_GPU_FOREIGN_THRESHOLD_MIB", 1024, minimum=0)
@@ -382,8 +384,8 @@ BERTH_AUDIT_ANCHOR_DIR = env_str("BERTH_AUDIT_ANCHOR_DIR", "") or ""
 BERTH_AUDIT_ANCHOR_KEY = env_secret("BERTH_AUDIT_ANCHOR_KEY") or ""
 # Page-cache prewarm of a model's weights while its container starts
 # (deployments/runtime/prewarm.py): auto = on for network and object storage mounts; skipped when
-# the weights exceed this fraction of the host's available memory (vLLM's own auto-prefetch uses
-# 90%, vllm.md §4.3).
+# the weights exceed this fraction of the host's available memory (vLLM's own auto-prefetch stops
+# at 90% of RAM, vllm/model_executor/model_loader/weight_utils.py).
 BERTH_PREWARM = env_choice("BERTH_PREWARM", ("auto", "on", "off"), "auto")
 BERTH_PREWARM_RAM_FRACTION = env_float(
     "BERTH_PREWARM_RAM_FRACTION", 0.8, minimum=0.05, maximum=0.95

@@ -11,7 +11,7 @@ from django.db import DatabaseError
 @register(Tags.security, deploy=True)
 def check_images_pinned(app_configs: Any, **kwargs: Any) -> list[Warning]:
     """Every enabled vLLM image should be pinned ``@sha256:``: a tag can be moved to other
-    content on the registry or on a host (reliability-security.md R1). Stand-ins are exempt."""
+    content on the registry or on a host. Stand-ins are exempt."""
     from deployments.models import EngineImage
 
     try:

@@ -1,6 +1,6 @@
 """A GPU's history as chart rows: reduced by the database to one row per pixel column.
 
-A day of 5-second readings is 17,280 rows per GPU (performance.md §3); moving them all into
+A day of 5-second readings is 17,280 rows per GPU (86,400 / 5); moving them all into
 Python to draw a 600-pixel chart cost most of the page's time (benchmarks/pages_at_scale.py).
 The database groups the window into ``columns`` equal time buckets and keeps each field's
 highest value per bucket, so a spike stays visible::

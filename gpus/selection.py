@@ -254,7 +254,7 @@ def select_on_fleet(
 ) -> FleetSelection:
     """Choose one host and its GPUs. Hosts that would be left with the fewest usable GPUs
     win (pack partly used hosts, keep whole hosts free for large tensor-parallel groups, as
-    performance.md §4.1 recommends), then the least-loaded choice, then the host name. GPU
+    HiveD, OSDI '20, reserves whole cells), then the least-loaded choice, then the host name. GPU
     combinations across hosts are never enumerated."""
     per_host: dict[str, Selection] = {}
     best: tuple[tuple, Selection] | None = None

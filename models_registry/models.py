@@ -31,8 +31,9 @@ _CANONICAL_SHAPE = (
 
 
 class StorageKind(models.TextChoices):
-    """What backs a mount; it decides how vLLM should read weights from it (performance.md
-    §1.4 item 5) and whether Berth prewarms the page cache before a launch."""
+    """What backs a mount; it decides how vLLM should read weights from it (the loader and its
+    concurrency, ``deployments.runtime.launch_spec.load_strategy``) and whether Berth prewarms
+    the page cache before a launch."""
 
     AUTO = "auto", "Not stated (vLLM detects NFS/Lustre itself)"
     LOCAL = "local", "Local disk (NVMe/SSD)"
@@ -126,7 +127,8 @@ class StorageMount(models.Model):
     def confinement_for(self, translation: paths.Translation) -> Path:
         """Where a model at ``translation`` must stay, links included (where this process sees
         it): the whole mount when one team owns it, else the team's own folder — so a link from
-        team A's folder into team B's cannot lend A team B's weights (§7.1 row 3)."""
+        team A's folder into team B's cannot lend A team B's weights (hostile case 3 of
+        ``tests/test_hostile_input.py``)."""
         root = Path(self.local_path)
         if self.team_id is not None or "/" not in translation.relative:
             return root

@@ -95,7 +95,7 @@ def test_finding_09_preview_and_register_refuse_hostile_numbers_without_a_500(
 def test_finding_09_the_planner_refuses_hostile_numbers_by_name(key: str, value: Any) -> None:
     """A config stored before strict parsing still reaches the planner: it must refuse by name,
     not raise OverflowError or ValueError (a 500)."""
-    request = planner.PlanRequest(gpu_memory_bytes=80 * 2**30, gpu_count=4)
+    request = planner.PlanRequest(gpu_memory_bytes=80 * 2**30, gpus_on_host=4)
     with pytest.raises(planner.PlannerError, match=key):
         planner.plan({**LLAMA_CONFIG, key: value}, request, None)
 

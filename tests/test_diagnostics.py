@@ -1,6 +1,6 @@
 """Diagnosis of engine logs: every signature gives its code, the root cause comes before the
 wrappers that report it, and a healthy log raises no alarm. Signatures are vLLM's own messages
-(shared/reference/vllm.md §5, with the issue each was seen in)."""
+(each rule names the vLLM issue it was seen in)."""
 
 from __future__ import annotations
 

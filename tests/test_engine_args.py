@@ -1,5 +1,5 @@
-"""Engine flags and environment variables: strict, typed, allow-listed (reliability-security.md
-§7.1 cases 14-23)."""
+"""Engine flags and environment variables: strict, typed, allow-listed (hostile cases 14-23 of
+``tests/test_hostile_input.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Hostile input: the 31 rows of reliability-security.md §7.1, each as a numbered case.
+"""Hostile input: 31 attacks on the deploy form, the JSON API and model registration, each as
+a numbered case.
 
 Every case sends its input the way an attacker would (deploy form, JSON API, model
 registration, sign-in, launch) and then the suite checks the same things for all of them:

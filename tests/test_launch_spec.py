@@ -201,7 +201,7 @@ def test_gpus_4_and_5_read_exactly_like_the_field_report() -> None:
     assert " --gpus '\"device=4,5\"' " in docker_run_line(container_kwargs(spec))
 
 
-# --- load strategy by storage kind (performance.md §1.4 item 5) ------------------------------
+# --- load strategy by storage kind ------------------------------------------------------------
 
 STREAMER_16 = (
     "--load-format",

@@ -244,7 +244,8 @@ def test_mla_caches_one_latent_per_token_not_split_by_tp() -> None:
     v3 = model_from_config(load("deepseek-v3.json"))
     lite = model_from_config(load("deepseek-v2-lite-chat.json"))
 
-    assert kv_bytes_per_token(v3, 2) == 61 * (512 + 64) * 2 == 70_272  # vllm.md §3.5
+    # One latent of 512 + 64 per layer, on every rank:
+    assert kv_bytes_per_token(v3, 2) == 61 * (512 + 64) * 2 == 70_272
     assert kv_bytes_per_token(lite, 2) == 27 * 576 * 2
     assert {kv_bytes_per_token_per_layer(v3, tp, 2) for tp in (1, 2, 4, 8)} == {576 * 2}
 
@@ -456,7 +457,7 @@ def test_tp_cannot_exceed_the_gpus_on_one_host() -> None:
 
 
 def test_quantization_group_alignment_limits_tp() -> None:
-    # Qwen2.5-72B's unpadded intermediate size with group-128 AWQ (vllm.md §3.7, QwenLM/Qwen3#698)
+    # Qwen2.5-72B's unpadded intermediate size with group-128 AWQ (vllm#5675, QwenLM/Qwen3#698)
     awq = {"quant_method": "awq", "bits": 4, "group_size": 128}
     shape = {
         "hidden_size": 8192,

@@ -28,8 +28,8 @@ DEFAULT_BATCHING_BY_GPU_GIB = ((160, 16384, 1024), (70, 8192, 1024), (0, 2048, 2
 # (A100-40GB, Llama-3-8B, vllm issue #12330) and 0.16 GiB (H100, 7B, gateway-api-inference-
 # extension PR #550); 0.25 GiB leaves a margin.
 NON_TORCH_BYTES = GIB // 4
-# Added when TP > 1: NCCL and custom all-reduce buffers, 0.3-1.5 GiB per vllm.md §3.2; we take
-# 0.75 GiB, above the ~0.5 GiB of its worked 70B example.
+# Added when TP > 1: NCCL and custom all-reduce buffers, 0.3-1.5 GiB in vLLM's start-up logs; we
+# take 0.75 GiB, above the ~0.5 GiB a 70B at TP 4 reports.
 TENSOR_PARALLEL_COMMUNICATION_BYTES = 3 * GIB // 4
 # CUDA graphs, subtracted from the KV budget at profile time since vLLM 0.21
 # (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1): "typically 0.3-0.5 GiB" in the "Graph capturing
@@ -38,11 +38,11 @@ CUDA_GRAPH_BYTES = GIB // 2
 # Activation peak of the profile run: one forward pass over max_num_batched_tokens tokens keeps a
 # few hidden-size and intermediate-size tensors alive at once. These copy counts reproduce the
 # 2.38 GiB peak vLLM logged for a 7B Llama-2-shaped model at the H100 defaults (8192 tokens,
-# 1024 sequences; gateway-api-inference-extension PR #550, quoted in performance.md §1.1).
+# 1024 sequences; gateway-api-inference-extension PR #550).
 ACTIVATION_HIDDEN_COPIES = 14
 ACTIVATION_FFN_COPIES = 7
 # The sampler holds float32 logits for max_num_seqs rows over the whole vocabulary (gathered
-# across ranks) plus one working copy of the same size (vllm.md §3.3).
+# across ranks) plus one working copy of the same size (vllm/v1/sample/sampler.py).
 SAMPLER_LOGIT_BYTES = 4
 SAMPLER_LOGIT_COPIES = 2
 

@@ -25,8 +25,9 @@ from deployments.planning.shapes import ModelShape
 
 def tensor_parallel_problems(model: ModelShape, tp: int, gpus_on_host: int) -> tuple[str, ...]:
     """Why vLLM would refuse tensor-parallel size ``tp`` for this model on a host with
-    ``gpus_on_host`` GPUs (vllm.md §3.7); empty when it is valid. Sizes that are not powers of two
-    are valid exactly when every divisibility rule holds for them."""
+    ``gpus_on_host`` GPUs (vllm/config/model.py, verify_with_parallel_config); empty when it is
+    valid. Sizes that are not powers of two are valid exactly when every divisibility rule
+    holds for them."""
     problems = [*_head_problems(model, tp), *_width_problems(model, tp)]
     if tp > gpus_on_host:
         problems.append(f"TP {tp} needs {tp} GPUs on one host; {gpus_on_host} available")

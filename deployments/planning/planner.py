@@ -13,7 +13,7 @@ inspected, the exact numbers from its safetensors headers. No Django: the deploy
     result.per_gpu.segments()       # weights / KV cache / overhead / headroom, for one bar per GPU
     result.reasons                  # why TP 1 and 2 were refused, in GiB
 
-The memory model mirrors vLLM's V1 engine (``shared/reference/vllm.md`` §3): a per-GPU budget of
+The memory model mirrors vLLM's V1 engine (vllm/v1/worker/gpu_worker.py): a per-GPU budget of
 ``total x gpu_memory_utilization`` holds the weight shard, the activation peak of the profile run,
 non-torch memory (NCCL, cuBLAS) and CUDA graphs; what is left is the KV cache, which must hold at
 least one sequence of ``max_model_len``. Estimates err on the large side: a plan that fits here

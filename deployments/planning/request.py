@@ -11,7 +11,7 @@ GIB = 1024**3
 # vLLM 0.33's default (vllm/config/cache.py line 215); it was 0.9 for most of vLLM's life.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 # Sequential read throughput assumed for the checkpoint: shared storage as in the field report,
-# where 140 GB took 10-15 min (155-235 MB/s, performance.md §0). Configurable per request: local
+# where 140 GB took 10-15 min (155-235 MB/s). Configurable per request: local
 # Gen4 NVMe reads ~7 GB/s and a warm page cache is faster still.
 DEFAULT_READ_BYTES_PER_SECOND = 200 * 10**6
 

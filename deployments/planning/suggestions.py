@@ -23,7 +23,7 @@ from deployments.planning.shapes import ModelShape, Quantization, integer_quanti
 
 # The highest utilisation we suggest: what is left (~5%) is the CUDA context outside PyTorch's
 # view, allocator fragmentation and monitoring agents; 0.95 is the value users report running at
-# (vllm issue #20305) and the one vllm.md §3.2's worked example proposes.
+# (vllm issue #20305), and what a 70B at TP 4 on 40 GB cards needs to hold a useful context.
 SUGGESTED_MAX_GPU_MEMORY_UTILIZATION = 0.95
 # Card sizes offered in "larger GPUs" suggestions: L4/A10 24, A100 40, L40S 48, A100/H100 80,
 # H100 NVL 94, H200 141, B200 180 (GiB as the cards report them, rounded).

@@ -1,9 +1,9 @@
 """Checks made on the GPU host right before a container is created, where a swap would matter.
 
 Registration and the deploy form validated the model directory and the image; both can change
-on disk or in the host's image store between then and the launch (reliability-security.md §1.5
-TOCTOU, R1 tag swap). The launcher calls these two checks last; each refusal is audited as
-``denied`` and fails the launch with a finding that names the fix::
+on disk or in the host's image store between then and the launch (a directory swapped for a
+link after its check, a tag moved to other content). The launcher calls these two checks last;
+each refusal is audited as ``denied`` and fails the launch with a finding that names the fix::
 
     check_model_unchanged(deployment, report)      # after inspecting the directory again
     image = pinned_image(client, deployment)        # the image id to create from, or None
@@ -80,7 +80,8 @@ def outside_team_storage(model: Any) -> str | None:
 def resolved_host_path(model: Any) -> str:
     """The bind-mount source with links resolved here, right before create: Docker resolves
     links in a bind source itself (moby#3566), so handing it the resolved directory leaves no
-    link to swap between this check and the daemon's (reliability-security.md §1.5 (b))."""
+    link to swap between this check and the daemon's (Docker resolves a bind source's links
+    itself, moby#3566)."""
     import posixpath
     from pathlib import Path
 

@@ -39,8 +39,9 @@ SAFETENSORS_EAGER_SINCE = (0, 11)  # --safetensors-load-strategy eager: vllm PR 
 SAFETENSORS_PREFETCH_SINCE = (0, 18)  # ... prefetch (into the page cache): vllm PR #36012, Mar 2026
 RUNAI_STREAMER_SINCE = (0, 11)  # --load-format runai_streamer, streamer shipped in the image
 # Run:ai's benchmark reached the storage's limit at concurrency 8-16 on SSD volumes
-# (performance.md §1.3); object stores have more latency to hide, so more requests in flight.
-ENGINE_KEY_VARIABLE = "VLLM_API_KEY"  # the same as vLLM's --api-key (vllm.md, environment)
+# (NVIDIA's Run:ai Model Streamer benchmark, GP3 and IO2 SSDs); object stores have more latency
+# to hide, so more requests in flight.
+ENGINE_KEY_VARIABLE = "VLLM_API_KEY"  # the same as vLLM's --api-key (vllm/envs.py)
 RUNAI_CONCURRENCY = {"network": 16, "object": 32}
 IMAGE_VERSION = re.compile(r":v?(\d+)\.(\d+)(?:\.\d+)?(?:[-.+][A-Za-z0-9_.-]*)?(?:@|$)")
 
@@ -118,8 +119,8 @@ def engine_version(image_reference: str) -> tuple[int, int] | None:
 def load_strategy(
     storage_kind: str, version: tuple[int, int] | None, tensor_parallel_size: int = 1
 ) -> LoadStrategy:
-    """How vLLM should read the weights, by what backs the model's mount (performance.md §1.2,
-    §1.4 item 5; vllm.md §4.2). Pure; admin-owned (users cannot set these flags).
+    """How vLLM should read the weights, by what backs the model's mount (vllm/config/load.py's
+    load formats and strategies). Pure; admin-owned (users cannot set these flags).
 
     * local disk or not stated: vLLM's default mmap (it auto-prefetches on NFS/Lustre itself);
     * network filesystem: mmap's 4 KiB faults are many slow round trips, so read sequentially:
