@@ -18,6 +18,7 @@ lint:
 	@scripts/bootstrap dev
 	@.venv/bin/ruff check .
 	@.venv/bin/ruff format --check .
+	@.venv/bin/lint-imports
 
 # Re-pin the lock files after changing pyproject.toml.
 lock:

@@ -7,13 +7,13 @@ from typing import Any
 from django.core.checks import Tags, Warning, register
 from django.db import DatabaseError
 
+from deployments.models import EngineImage
+
 
 @register(Tags.security, deploy=True)
 def check_images_pinned(app_configs: Any, **kwargs: Any) -> list[Warning]:
     """Every enabled vLLM image should be pinned ``@sha256:``: a tag can be moved to other
     content on the registry or on a host. Stand-ins are exempt."""
-    from deployments.models import EngineImage
-
     try:
         images = list(EngineImage.objects.filter(enabled=True, is_stand_in=False))
     except DatabaseError:  # not migrated yet: nothing to check

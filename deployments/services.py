@@ -24,6 +24,7 @@ from deployments import planning
 from deployments.models import Deployment, EngineImage
 from deployments.planning.stored import StoredPlan
 from deployments.runtime import host_checks
+from deployments.runtime.allocation import team_gpus_in_use
 from deployments.runtime.engine_args import (
     EngineArgs,
     SchemaError,
@@ -246,8 +247,6 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
 
 def _check_team_quota(team: Team, wanted: int) -> None:
     """Refuse a plan the team's GPU quota cannot hold (checked again when reserving)."""
-    from deployments.runtime.allocation import team_gpus_in_use
-
     if team.gpu_quota is not None:
         in_use = team_gpus_in_use(team.pk)
         if in_use + wanted > team.gpu_quota:

@@ -18,8 +18,10 @@ from django.db import IntegrityError
 from django.utils import timezone
 
 import audit
+from accounts.models import Team
 from audit.actions import Action
 from deployments.models import Deployment, GpuAllocation
+from gpus.models import Gpu
 
 
 class AllocationConflict(Exception):
@@ -42,8 +44,6 @@ def check_quota(deployment: Deployment, wanted: int, *, lock: bool = False) -> N
     With ``lock`` (inside the reserving transaction) the team row is locked first, so two
     launches of one team cannot both pass the check (PostgreSQL row lock; SQLite's IMMEDIATE
     transactions are serialized already)."""
-    from accounts.models import Team
-
     # NO KEY UPDATE: serializes the quota check between launches without blocking the KEY SHARE
     # an audit row's team foreign key takes (lock order: audit/trail.py).
     teams = Team.objects.select_for_update(no_key=True) if lock else Team.objects
@@ -60,8 +60,6 @@ def check_quota(deployment: Deployment, wanted: int, *, lock: bool = False) -> N
 
 def reserve(deployment: Deployment, gpus: Sequence[Any]) -> list[GpuAllocation]:
     """Hold ``gpus`` for the deployment's current generation, all or none."""
-    from gpus.models import Gpu
-
     ids = sorted(gpu.pk for gpu in gpus)
     try:
         with audit.chain_transaction():

@@ -31,7 +31,7 @@ from deployments.changes import publish
 from deployments.models import Deployment, DeploymentEvent, EventKind
 from deployments.runtime import allocation, host_checks
 from deployments.runtime.diagnostics import Finding, diagnose
-from deployments.runtime.engine_args import SchemaError
+from deployments.runtime.engine_args import SchemaError, parse_engine_args, parse_environment
 from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.launch_spec import (
     LaunchSpec,
@@ -39,6 +39,7 @@ from deployments.runtime.launch_spec import (
     engine_version,
     load_strategy,
 )
+from deployments.runtime.placement import choose_gpus
 from deployments.runtime.prewarm import cancel as cancel_prewarm
 from deployments.runtime.prewarm import start as start_prewarm
 from deployments.states import State
@@ -137,8 +138,6 @@ def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
     if held or deployment.gpu_count == 0:
         return sorted(held, key=lambda gpu: gpu.index)
     if not gpus:
-        from deployments.runtime.placement import choose_gpus
-
         gpus, why_not = choose_gpus(deployment)
         if not gpus:
             raise LaunchFailure(f"no suitable GPUs on {deployment.host.name}: {why_not}")
@@ -212,8 +211,6 @@ def ensure_engine_key(deployment: Deployment) -> None:
 
 def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> LaunchSpec:
     """The launch spec from the deployment's validated fields and its plan."""
-    from deployments.runtime.engine_args import parse_engine_args, parse_environment
-
     where = deployment.model.translation()
     # Checked again here: an approval revoked after the request stops the launch.
     args = parse_engine_args(

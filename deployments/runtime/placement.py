@@ -7,6 +7,8 @@ from typing import Any
 from django.utils import timezone
 
 from deployments.models import Deployment, GpuAllocation
+from gpus.inventory import gpu_state, policy
+from gpus.selection import Need, select_gpus
 
 MIB = 1024**2
 
@@ -21,9 +23,6 @@ def memory_needed_mib(deployment: Deployment) -> int:
 def choose_gpus(deployment: Deployment) -> tuple[list[Any], str]:
     """The GPUs to reserve, or ``([], why not)`` with the reason for every GPU refused.
     Only GPUs a source reported can be returned (selection never invents an index)."""
-    from gpus.inventory import gpu_state, policy
-    from gpus.selection import Need, select_gpus
-
     host = deployment.host
     rows = {gpu.uuid: gpu for gpu in host.gpus.select_related("host")}
     allocated = set(

@@ -11,6 +11,7 @@ from accounts.access import visible_teams
 from accounts.models import slug_validator
 from deployments.models import EngineImage
 from deployments.runtime.engine_args import DTYPES, KV_CACHE_DTYPES
+from gpus.models import Host
 from models_registry.models import Model, ModelStatus
 
 MAX_ENV_LINES = 32
@@ -79,8 +80,6 @@ class DeployForm(forms.Form):
     )
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any):
-        from gpus.models import Host
-
         super().__init__(*args, **kwargs)
         teams = visible_teams(user)
         self.fields["team"].queryset = teams

@@ -33,6 +33,9 @@ from config.processes import (
     wait_until,
 )
 from core.queues import DEFAULT_QUEUE
+from deployments.models import EngineImage
+from gpus.hosts import local_host_name, register_host
+from gpus.models import Host
 
 REDIS_START_DEADLINE_S = 15.0
 WEB_START_DEADLINE_S = 60.0
@@ -194,9 +197,6 @@ class Command(BaseCommand):
     def _local_gpu_host(self) -> str | None:
         """The host this machine's agent collects for: registered on the first run (no hosts
         yet); None when BERTH_LOCAL_AGENT is off or this machine is not a registered host."""
-        from gpus.hosts import local_host_name, register_host
-        from gpus.models import Host
-
         if not settings.BERTH_LOCAL_AGENT:
             return None
         name = local_host_name()
@@ -264,8 +264,6 @@ def _next_port(port: int) -> int:
 
 
 def _has_engine_images() -> bool:
-    from deployments.models import EngineImage
-
     return EngineImage.objects.exists()
 
 
