@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from accounts.keys import parse_key, secret_matches
 from accounts.models import KeyScope
 from deployments.states import State
-from gateway import errors, limits, upstream
+from gateway import errors, limits, queueing, upstream
 from gateway.cache import KeyEntry, Route
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics, authorized
@@ -99,6 +99,7 @@ class Gateway:
         self.stream_key = stream_name(config.instance)
         self._background: set[asyncio.Task] = set()
         self._pending_writes: list[tuple[limits.Reservation | None, int, UsageRecord | None]] = []
+        self.admission = queueing.Admission()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -138,6 +139,7 @@ class Gateway:
         self.limiter = limits.Limiter(self.redis, self.config.instance)
         self.refresher = Refresher(self.redis, self.config.instance)
         await self.refresher.start()
+        self._watcher = asyncio.create_task(self._watch_load(), name="gateway-load")
         self.consumer = None
         if self.config.run_consumer:
             self.consumer = Consumer(
@@ -151,7 +153,8 @@ class Gateway:
         )
 
     async def shutdown(self) -> None:
-        await asyncio.gather(*self._background, return_exceptions=True)
+        self._watcher.cancel()
+        await asyncio.gather(self._watcher, *self._background, return_exceptions=True)
         await self.refresher.stop()
         if self.consumer is not None:
             await asyncio.to_thread(self.consumer.stop)
@@ -247,6 +250,7 @@ class Gateway:
         finally:
             self.metrics.in_flight.dec()
             self._finish(call, reservation, exchange, backend)
+            self.admission.done((key.team_id, call.model))
 
     async def _reserve(self, call: Call) -> limits.Reservation | None:
         key = call.key
@@ -306,6 +310,8 @@ class Gateway:
         retried_same: set[tuple[int, int]] = set()
         while True:
             route = await self._route(call, tried)
+            if not tried and not retried_same:
+                await self._wait_turn(call, route)
             backend = self.balancer.choose(route.ready, call.affinity, time.time(), tried)
             if backend is None:  # the snapshot changed between the two looks
                 continue
@@ -335,6 +341,29 @@ class Gateway:
             finally:
                 response.release()
                 self.balancer.release(backend)
+
+    async def _wait_turn(self, call: Call, route: Route) -> None:
+        """Queue in the gateway while every replica is full (``gateway.queueing``); a request
+        also queues behind others already waiting, so nobody jumps the line."""
+        name = (call.key.team_id, call.model)
+        try:
+            waited = await self.admission.wait_turn(
+                name, call.key.prefix, route.ready, self.config.hold_s
+            )
+        except queueing.QueueFull:
+            raise errors.overloaded(call.model, "queue_full") from None
+        except TimeoutError:
+            raise errors.overloaded(call.model, "model_overloaded") from None
+        if waited is not None:
+            self.metrics.queue_wait.observe(waited)
+
+    async def _watch_load(self) -> None:
+        while True:
+            await asyncio.sleep(queueing.POLL_S)
+            try:
+                await self.admission.look(self.session, self.refresher.snapshot.routes)
+            except Exception:
+                logger.exception("gateway: reading the engines' load failed")
 
     async def _relay(
         self,

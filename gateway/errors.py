@@ -107,6 +107,18 @@ def model_not_ready(
     )
 
 
+def overloaded(model: str, code: str) -> GatewayError:
+    """Every replica is full and the gateway's queue for the model is full (``queue_full``) or
+    was waited in for ``BERTH_GATEWAY_HOLD_S`` (``model_overloaded``)."""
+    return GatewayError(
+        503,
+        "server_error",
+        f"Every replica of `{model}` is busy; try again shortly.",
+        code=code,
+        headers=((b"retry-after", b"5"),),
+    )
+
+
 def upstream_failed(message: str) -> GatewayError:
     return GatewayError(502, "upstream_error", message, code="upstream_unavailable")
 

@@ -419,3 +419,59 @@ def test_the_gateway_serves_from_its_cache_while_the_database_is_down(
     finally:
         process.stop()
         proxy.cut()
+
+
+def test_when_every_replica_is_full_requests_queue_and_keys_take_turns(
+    team_a: Team, host: Host, tmp_path: Path, gateway: GatewayProcess
+) -> None:
+    """The engine runs one request at a time (like vLLM at --max-num-seqs 1) and says how many
+    wait; the gateway then holds new requests and lets them through one key at a time."""
+    engine = Upstream("--tokens", "4", "--token-delay-ms", "150", "--max-num-seqs", "1")
+    try:
+        serve(team_a, host, tmp_path, "llama", engine.port, State.READY)
+        busy = create_api_key(team_a, KeySettings("batch job"))[1]
+        polite = create_api_key(team_a, KeySettings("notebook"))[1]
+        _wait_for_models(gateway, polite, {"llama"})
+        finished: dict[str, list[float]] = {"busy": [], "polite": []}
+        started = time.monotonic()
+
+        answers: list[tuple[int, bytes]] = []
+
+        def ask(who: str, key: str) -> None:
+            status, _, body = gateway.chat(key, "llama")
+            answers.append((status, body))
+            if status == 200:
+                finished[who].append(time.monotonic() - started)
+
+        first = [threading.Thread(target=ask, args=("busy", busy)) for _ in range(3)]
+        for thread in first:
+            thread.start()
+        time.sleep(1.3)  # the gateway has read the engine's queue by now: every replica is full
+        queued = [threading.Thread(target=ask, args=("busy", busy)) for _ in range(6)]
+        for thread in queued:
+            thread.start()
+            time.sleep(0.02)
+        time.sleep(0.1)
+        late = threading.Thread(target=ask, args=("polite", polite))
+        late.start()
+        for thread in [*first, *queued, late]:
+            thread.join(30)
+    finally:
+        engine.stop()
+    assert [status for status, _ in answers] == [200] * 10, answers
+    assert len(finished["polite"]) == 1
+    # First come, first served would answer the notebook last; taking turns, it passes most
+    # of the batch job's queued requests.
+    behind = [t for t in finished["busy"] if t > finished["polite"][0]]
+    assert len(behind) >= 3, finished
+    connection = gateway.connection()
+    connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    text = connection.getresponse().read().decode()
+    connection.close()
+    waited = [
+        line
+        for line in text.splitlines()
+        if line.startswith("berth_gateway_queue_wait_seconds_count")
+    ]
+    assert waited
+    assert float(waited[0].split()[-1]) >= 5

@@ -19,6 +19,7 @@ from deployments.states import State
 from gateway import cache, limits
 from gateway.cache import Backend, KeyEntry
 from gateway.models import UsageMinute
+from gateway.queueing import EngineLoad, FairQueue, waiting_requests
 from gateway.routing import AFFINITY_SLACK, Balancer, affinity_text
 from gateway.sse import StreamUsage
 from gateway.usage import GROUP, Consumer, UsageRecord, apply, prune, stream_name
@@ -253,3 +254,41 @@ def test_the_routing_table_names_ready_loading_and_failed_models(
     assert routes[(team_a.pk, "ready")].ready[0].url == "http://gpu-01:30001"
     assert routes[(team_a.pk, "loading")].waiting[0].state == State.LOADING
     assert routes[(team_a.pk, "failed")].backends[0].diagnosis[0][0] == "cuda-oom"
+
+
+def test_an_engines_waiting_requests_are_read_from_its_metrics() -> None:
+    text = (
+        b"# HELP vllm:num_requests_waiting Number of requests waiting.\n"
+        b'vllm:num_requests_running{engine="0",model_name="m"} 4.0\n'
+        b'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n'
+        b'vllm:num_requests_waiting{engine="1",model_name="m"} 2.0\n'
+    )
+    assert waiting_requests(text) == 5.0
+    assert waiting_requests(b"vllm:num_requests_running 1.0\n") == 0.0
+
+
+def test_the_queue_takes_turns_between_keys_and_is_bounded() -> None:
+    async def go() -> list[str]:
+        queue = FairQueue()
+        order: list[str] = []
+        tickets = [(key, queue.join(key)) for key in ["busy"] * 5 + ["polite", "other"]]
+        for key, ticket in tickets:
+            ticket.add_done_callback(lambda _t, key=key: order.append(key))
+        queue.release(4)
+        await asyncio.sleep(0)
+        gone = tickets[3][1]
+        queue.leave("busy", gone)
+        assert queue.size == 2
+        return order
+
+    assert asyncio.run(go()) == ["busy", "polite", "other", "busy"]
+
+
+def test_a_model_is_saturated_only_when_every_ready_replica_has_a_queue() -> None:
+    a, b = _backend(1), _backend(2)
+    load = EngineLoad()
+    load.waiting = {a.ident: 3.0}
+    assert not load.saturated([a, b])  # b unknown: room
+    load.waiting[b.ident] = 1.0
+    assert load.saturated([a, b])
+    assert not load.saturated([])

@@ -5,7 +5,9 @@ streamed as vLLM streams them (``data: {chunk}`` events, the usage-only chunk wh
 ``stream_options.include_usage`` is set, ``data: [DONE]``), with ``usage`` counted the way the
 gateway reads it. It exists so the gateway's tests and benchmark have an upstream that costs
 almost nothing per request (asyncio + httptools on uvloop, keep-alive, chunked streaming), and
-can be killed mid-answer like a crashed engine. Run it on its own:
+can be killed mid-answer like a crashed engine. With ``--max-num-seqs N`` it runs N requests at
+once and the rest wait, counted in ``/metrics`` as ``vllm:num_requests_waiting`` like vLLM's.
+Run it on its own:
 
     python tests/upstream.py --port 0 --name llama --tokens 16 --token-delay-ms 5 [--api-key K]
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httptools
@@ -33,6 +37,38 @@ class Settings:
         self.tokens: int = args.tokens
         self.delay_s: float = args.token_delay_ms / 1000
         self.api_key: str = args.api_key or ""
+        # Like vLLM's --max-num-seqs: requests beyond it wait, and /metrics says how many.
+        self.slots = asyncio.Semaphore(args.max_num_seqs) if args.max_num_seqs else None
+        self.running = 0
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.slots is None:
+            self.running += 1
+            try:
+                yield
+            finally:
+                self.running -= 1
+            return
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.slots.release()
+
+    def metrics(self) -> bytes:
+        label = f'{{engine="0",model_name="{self.name}"}}'
+        return (
+            f"vllm:num_requests_running{label} {float(self.running)}\n"
+            f"vllm:num_requests_waiting{label} {float(self.waiting)}\n"
+        ).encode()
 
 
 class Exchange(asyncio.Protocol):
@@ -91,6 +127,8 @@ class Exchange(asyncio.Protocol):
         path = url.split(b"?", 1)[0]
         if path in (b"/health", b"/ping"):
             return self._send(200, b"", b"")
+        if path == b"/metrics":
+            return self._send(200, b"text/plain; version=0.0.4", self.settings.metrics())
         if self.settings.api_key and path.startswith(b"/v1/"):
             expected = f"Bearer {self.settings.api_key}".encode()
             if headers.get(b"authorization") != expected:
@@ -115,11 +153,14 @@ class Exchange(asyncio.Protocol):
             return self._json(
                 200, {"object": "list", "data": data, "model": self.settings.name, "usage": usage}
             )
-        count = payload.get("max_tokens") or self.settings.tokens
+        count = int(payload.get("max_tokens") or self.settings.tokens)
         chat = path == b"/v1/chat/completions"
-        if payload.get("stream"):
-            return await self._stream(payload, chat, int(count), prompt_tokens)
-        return self._json(200, _completion(self.settings.name, chat, int(count), prompt_tokens))
+        async with self.settings.slot():
+            if payload.get("stream"):
+                return await self._stream(payload, chat, count, prompt_tokens)
+            if self.settings.delay_s:  # generating takes as long as when streamed
+                await asyncio.sleep(self.settings.delay_s * (count - 1))
+            return self._json(200, _completion(self.settings.name, chat, count, prompt_tokens))
 
     async def _stream(self, payload: dict, chat: bool, count: int, prompt_tokens: int) -> None:
         head = (
@@ -220,6 +261,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="tokens per completion")
     parser.add_argument("--token-delay-ms", type=float, default=0.0)
     parser.add_argument("--api-key", default="", help="require this bearer token, like vLLM")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=0,
+        help="requests run at once (0: no limit); the rest wait, counted in /metrics like vLLM's",
+    )
     uvloop.run(serve(parser.parse_args()))
 
 
