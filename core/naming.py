@@ -43,6 +43,17 @@ def labels(*, instance: str, deployment_id: int, generation: int, team: str) -> 
     }
 
 
+def volume_labels(*, instance: str, deployment_id: int, team: str) -> dict[str, str]:
+    """The labels of a deployment's cache volume (it outlives generations): an operator lists
+    or prunes Berth's volumes with ``docker volume ls --filter label=berth.instance=…``."""
+    return {
+        MANAGED_LABEL: "true",
+        INSTANCE_LABEL: instance,
+        DEPLOYMENT_LABEL: str(deployment_id),
+        TEAM_LABEL: team,
+    }
+
+
 def instance_filter(instance: str) -> dict[str, str]:
     """The Docker list filter for the containers of one console (``instance``)."""
     return {"label": f"{INSTANCE_LABEL}={instance}"}

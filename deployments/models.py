@@ -163,6 +163,9 @@ class Deployment(models.Model):
     logs_read_until = models.FloatField(default=0)
     log_tail = models.JSONField(default=list, blank=True)
     restart_count = models.PositiveIntegerField(default=0)
+    # Set when someone asks to delete it: the host's agent removes what is left, then the row;
+    # until then the deployment is shown as being deleted and cannot be restarted.
+    delete_requested_at = models.DateTimeField(null=True, blank=True)
 
     objects = DeploymentQuerySet.as_manager()
 

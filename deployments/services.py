@@ -13,6 +13,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError
+from django.utils import timezone
 
 import audit
 from accounts.access import team_ids
@@ -21,6 +22,7 @@ from audit.actions import Action, Outcome
 from audit.trail import denial_reason
 from core.contention import Contended, retrying
 from deployments import planning
+from deployments.changes import publish
 from deployments.models import Deployment, EngineImage
 from deployments.planning.stored import StoredPlan
 from deployments.runtime import host_checks
@@ -308,8 +310,25 @@ def request_delete(user: Any, deployment: Deployment) -> None:
             {"state": "only a failed or stopped deployment can be deleted; stop it first"}
         )
     with audit.chain_transaction():
-        audit.record(Action.DEPLOYMENT_DELETE_REQUESTED, target=deployment, actor=user)
+        now = timezone.now()
+        if not Deployment.objects.filter(
+            pk=deployment.pk,
+            generation=deployment.generation,
+            state=deployment.state,
+            delete_requested_at__isnull=True,
+        ).update(delete_requested_at=now, updated=now):
+            raise ValidationError(
+                {"state": "the deployment changed meanwhile (restarted, or already being deleted)"}
+            )
+        deployment.delete_requested_at = now
+        audit.record(
+            Action.DEPLOYMENT_DELETE_REQUESTED,
+            target=deployment,
+            actor=user,
+            public_id=str(deployment.public_id),
+        )
         enqueue_delete(deployment)
+        publish(deployment.pk, "deleting")
 
 
 @refusals_audited(Action.DEPLOYMENT_RESTART_REQUESTED)
@@ -321,7 +340,10 @@ def request_restart(user: Any, deployment: Deployment) -> None:
         )
     with audit.chain_transaction():
         updated = Deployment.objects.filter(
-            pk=deployment.pk, generation=deployment.generation, state=deployment.state
+            pk=deployment.pk,
+            generation=deployment.generation,
+            state=deployment.state,
+            delete_requested_at__isnull=True,  # being deleted: nothing to restart
         )
         if not updated.update(
             generation=deployment.generation + 1,
@@ -332,7 +354,9 @@ def request_restart(user: Any, deployment: Deployment) -> None:
             log_tail=[],
             restart_count=0,
         ):
-            raise ValidationError({"state": "the deployment changed meanwhile; reload the page"})
+            raise ValidationError(
+                {"state": "the deployment changed meanwhile (or is being deleted); reload the page"}
+            )
         deployment.generation += 1
         audit.record(
             Action.DEPLOYMENT_RESTART_REQUESTED,

@@ -414,7 +414,7 @@ def browser_login(page: Any, username: str, password: str = PASSWORD) -> None:
     page.get_by_role("button", name="Sign in").click()
 
 
-from tests.asgi_console import asgi_url  # noqa: E402, F401  (the console under uvicorn)
+from tests.asgi_console import asgi_url, console_url, demo_console  # noqa: E402, F401
 from tests.engine_image import engine_image  # noqa: E402, F401  (the stand-in vLLM image)
 
 

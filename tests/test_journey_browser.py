@@ -11,21 +11,11 @@ screenshots are taken here.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
-import socket
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import global_settings
-from django.core.management import call_command
 from playwright.sync_api import expect
 
 from accounts.models import User
@@ -36,12 +26,9 @@ from models_registry.models import Model
 from tests.conftest import (
     BASE_DIR,
     PASSWORD,
-    TEST_INSTANCE,
     browser_login,
     screenshot,
-    subprocess_env,
 )
-from tests.engine_image import wait_until
 
 pytestmark = [
     pytest.mark.browser,
@@ -62,92 +49,6 @@ WATCH_STREAM = """() => {
   window.__pushes = 0;
   document.body.addEventListener('htmx:sseMessage', () => { window.__pushes += 1; });
 }"""
-
-
-@pytest.fixture
-def demo_console(settings: Any, tmp_path: Path, engine_image: str) -> Host:
-    """The console after ``manage.py berth_demo`` (its var/ in tmp_path), demo member's
-    password known."""
-    settings.VAR_DIR = tmp_path / "var"
-    # The console runs in another process with Django's default hashers (tests use MD5).
-    settings.PASSWORD_HASHERS = global_settings.PASSWORD_HASHERS
-    call_command("berth_demo", password=PASSWORD, stdout=io.StringIO())
-    return Host.objects.get()
-
-
-def _manage(*args: str) -> list[str]:
-    return [sys.executable, str(BASE_DIR / "manage.py"), *args]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def _running(argv: list[str], **env: str) -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen(
-        argv,
-        env=subprocess_env(**env),
-        cwd=BASE_DIR,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-@pytest.fixture
-def console_url(demo_console: Host, docker_client: Any) -> Iterator[str]:
-    """The console served over ASGI as ``make run`` serves it (the status stream needs ASGI;
-    pytest-django's live server is WSGI), and the demo host's agent. Both share this test's
-    database and Redis."""
-    port = _free_port()
-    web = [
-        sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
-        "--port", str(port), "--lifespan", "off", "--no-access-log",
-    ]  # fmt: skip
-    # The host's agent as make run starts it (worker on host:<name> with the scheduler, plus
-    # the GPU collector); the nvidia-smi-in-a-container source is left out: it would pull an
-    # image on a machine that has no GPU anyway.
-    agent = _manage(
-        "berth_agent",
-        "--host",
-        demo_console.name,
-        "--sources",
-        "nvml,nvidia-smi-csv,nvidia-smi-xml",
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with _running(web), _running(agent, BERTH_MONITOR_INTERVAL_S="0.5"):
-            wait_until(lambda: _answers(f"{url}/healthz"), timeout=60, what="the ASGI console")
-            yield url
-    finally:
-        _remove_engines(docker_client)
-
-
-def _remove_engines(client: Any) -> None:
-    """Whatever the test left (a failure before Stop): its engines and their cache volumes."""
-    import docker.errors
-
-    for pk in Deployment.objects.values_list("pk", flat=True):
-        labels = [f"berth.instance={TEST_INSTANCE}", f"berth.deployment={pk}"]
-        for container in client.containers.list(all=True, filters={"label": labels}):
-            container.remove(force=True)
-        with contextlib.suppress(docker.errors.NotFound):
-            client.volumes.get(f"{TEST_INSTANCE}-cache-{pk}").remove(force=True)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture

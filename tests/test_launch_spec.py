@@ -71,7 +71,9 @@ def test_container_kwargs_equal_the_golden_template() -> None:
         "mounts": [
             {"Target": "/models/team-a/Llama-3.3-70B-Instruct", "Source": "/mnt/ceph/models/team-a/Llama-3.3-70B-Instruct",
              "Type": "bind", "ReadOnly": True},
-            {"Target": "/berth-cache", "Source": "berth-cache-12", "Type": "volume", "ReadOnly": False},
+            {"Target": "/berth-cache", "Source": "berth-cache-12", "Type": "volume", "ReadOnly": False,
+             "VolumeOptions": {"Labels": {"berth.managed": "true", "berth.instance": "berth",
+                                          "berth.deployment": "12", "berth.team": "team-a"}}},
         ],
         "ports": {"8000/tcp": ("127.0.0.1", 30012)},
         "shm_size": 8 * 1024**3,
@@ -116,6 +118,12 @@ def test_the_run_line_says_exactly_what_the_kwargs_say() -> None:
     assert dict(value.split("=", 1) for value in flags["--env"]) == kwargs["environment"]
     assert dict(value.split("=", 1) for value in flags["--label"]) == kwargs["labels"]
     assert flags["--publish"] == ["127.0.0.1:30012:8000"]
+    cache_mount = next(value for value in flags["--mount"] if "type=volume" in value)
+    assert cache_mount == (
+        "type=volume,source=berth-cache-12,target=/berth-cache,volume-label=berth.managed=true,"
+        "volume-label=berth.instance=berth,volume-label=berth.deployment=12,"
+        "volume-label=berth.team=team-a"
+    )
     assert flags["--shm-size"] == [str(kwargs["shm_size"])]
     assert flags["--health-start-period"] == ["900s"]
     assert flags["--restart"] == ["on-failure:2"]
@@ -178,6 +186,11 @@ def test_the_real_engine_accepts_the_template_and_refuses_gpus_it_cannot_give(
         assert host["Privileged"] is False
         assert host["NetworkMode"] != "host"
         assert container.attrs["Config"]["Labels"]["berth.deployment"] == str(deployment)
+        # The cache volume is labelled too: an operator finds (and prunes) it by label.
+        by_label = docker_client.volumes.list(
+            filters={"label": [f"berth.instance={spec.instance}", f"berth.deployment={deployment}"]}
+        )
+        assert [volume.name for volume in by_label] == [spec.cache_volume]
     finally:
         container.remove(force=True)
         docker_client.volumes.get(spec.cache_volume).remove(force=True)

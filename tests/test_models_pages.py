@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +195,12 @@ def test_periodic_sync_is_booked_once_per_mount_and_interval(
     assert (first, second) == ([f"sync-mount-{ceph.pk}"], [])
     assert [(job.func, job.args) for job in queue.jobs] == [(sync_mount_job, (ceph.pk,))]
     queue.empty()
+
+
+def test_file_sizes_are_binary_and_labelled_so(alice: User, llama: Model) -> None:
+    html = client_for(alice).get(f"/models/{llama.pk}/").content.decode()
+    sizes = {file["name"]: file["bytes"] for file in llama.files}
+    config = sizes["config.json"]
+    shown = f"{config:,} B" if config < 1024 else f"{config / 1024:,.1f} KiB"
+    assert f'<td data-label="Size">{shown}</td>' in html
+    assert not re.search(r"\d (KB|MB|GB)\b", html)  # 1024-based figures never say kB/MB/GB

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from accounts.models import Team
 from audit.models import AuditEvent
-from deployments.models import GpuAllocation
+from deployments.models import Deployment, GpuAllocation
 from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.jobs import resume
 from deployments.runtime.reconcile import reconcile_host
@@ -196,3 +196,26 @@ def _admin() -> Any:
     from accounts.models import Role, User
 
     return User.objects.create_user("ops", password="x" * 16, role=Role.ADMIN)
+
+
+@pytest.mark.redis
+def test_a_delete_whose_job_was_lost_is_enqueued_again(
+    docker_client: Any, team_a: Team, tmp_path: Path, django_capture_on_commit_callbacks: Any
+) -> None:
+    from core.queues import get_queue
+    from tests.model_dirs import write_model
+
+    write_model(tmp_path / "team-a" / "llama")
+    host = host_with_gpus(count=1)
+    record = deployment(team_a, registered_model(team_a, tmp_path), host)
+    queue = get_queue(host.queue_name)
+    queue.empty()
+    asked = timezone.now() - LATER
+    Deployment.objects.filter(pk=record.pk).update(
+        state=State.STOPPED, delete_requested_at=asked, updated=asked
+    )  # ...and Redis lost the delete job
+    with django_capture_on_commit_callbacks(execute=True):
+        outcome = reconcile_host(host, EngineHost(docker_client), resume=resume)
+    assert outcome.jobs_resumed == [f"delete-{record.pk}-1"]
+    assert queue.job_ids == [f"delete-{record.pk}-1"]
+    queue.empty()

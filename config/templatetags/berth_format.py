@@ -11,7 +11,9 @@ GIB = 1024**3
 
 @register.filter
 def gib(value: int | None, digits: int = 1) -> str:
-    """Bytes as GiB (``140.0 GiB``), or MiB/KiB below one GiB; a dash when unknown."""
+    """Bytes in binary units, labelled as such: ``140.0 GiB``, ``2.3 MiB``, ``1.5 KiB``,
+    ``512 B``; a dash when unknown. (Django's ``filesizeformat`` divides by 1024 but writes
+    "KB"/"MB".)"""
     if value is None or value == "":
         return "—"
     value = int(value)
@@ -19,7 +21,9 @@ def gib(value: int | None, digits: int = 1) -> str:
         return f"{value / GIB:,.{digits}f} GiB"
     if value >= 1024**2:
         return f"{value / 1024**2:,.{digits}f} MiB"
-    return f"{value / 1024:,.{digits}f} KiB"
+    if value >= 1024:
+        return f"{value / 1024:,.{digits}f} KiB"
+    return f"{value:,} B"
 
 
 @register.filter

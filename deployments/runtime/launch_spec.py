@@ -203,7 +203,15 @@ def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
                 type="bind",
                 read_only=True,
             ),
-            Mount(target=CACHE_TARGET, source=spec.cache_volume, type="volume"),
+            # Docker creates the volume with these labels on first use.
+            Mount(
+                target=CACHE_TARGET,
+                source=spec.cache_volume,
+                type="volume",
+                labels=naming.volume_labels(
+                    instance=spec.instance, deployment_id=spec.deployment_id, team=spec.team
+                ),
+            ),
         ],
         "ports": {f"{ENGINE_PORT}/tcp": (spec.bind_ip, spec.host_port)},
         "shm_size": spec.shm_size_bytes,
@@ -277,7 +285,11 @@ def _pairs(flag: str, values: Mapping[str, str]) -> list[str]:
 
 def _mount_flag(mount: Mount) -> str:
     parts = [f"type={mount['Type']}", f"source={mount['Source']}", f"target={mount['Target']}"]
-    return ",".join([*parts, "readonly"] if mount.get("ReadOnly") else parts)
+    if mount.get("ReadOnly"):
+        parts.append("readonly")
+    volume_labels = (mount.get("VolumeOptions") or {}).get("Labels") or {}
+    parts += [f"volume-label={key}={value}" for key, value in volume_labels.items()]
+    return ",".join(parts)
 
 
 def _health_flags(check: Mapping[str, Any]) -> list[str]:

@@ -209,6 +209,12 @@ def ensure_engine_key(deployment: Deployment) -> None:
         )
 
 
+def gpu_device_ids(gpus: Sequence[Any]) -> tuple[str, ...]:
+    """How the container names its GPUs: by UUID where the inventory has one (indexes shift
+    when a GPU drops off the bus), else by index."""
+    return tuple(gpu.uuid or str(gpu.index) for gpu in gpus)
+
+
 def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> LaunchSpec:
     """The launch spec from the deployment's validated fields and its plan."""
     where = deployment.model.translation()
@@ -230,7 +236,7 @@ def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> Launch
         served_model_name=deployment.name,
         host_port=port,
         bind_ip=settings.BERTH_ENGINE_BIND,
-        gpu_device_ids=tuple(gpu.uuid or str(gpu.index) for gpu in gpus),
+        gpu_device_ids=gpu_device_ids(gpus),
         tensor_parallel_size=deployment.tensor_parallel_size,
         max_model_len=max_model_len,
         gpu_memory_utilization=utilization,
@@ -514,10 +520,13 @@ def delete(engine: EngineHost, deployment: Deployment, generation: int) -> str:
         audit.record(
             Action.DEPLOYMENT_DELETED,
             target=deployment,
+            public_id=str(deployment.public_id),  # what a deleted deployment's URL is told by
             containers_removed=removed,
             volume=volume_name,
             generation=deployment.generation,
             model=deployment.model.path,
         )
+        pk = deployment.pk
         deployment.delete()
+        publish(pk, "deleted")  # open pages say it was deleted, and by whom
     return "deleted"

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -128,11 +129,14 @@ def _resume_lost_jobs(
     queue = get_queue(host.queue_name)
     resumed = []
     waiting = Deployment.objects.filter(
-        host=host, state__in=[*WAITING_FOR, *EXPECT_CONTAINER], updated__lt=now - GRACE
+        Q(state__in=[*WAITING_FOR, *EXPECT_CONTAINER]) | Q(delete_requested_at__isnull=False),
+        host=host,
+        updated__lt=now - GRACE,
     )
     for deployment in waiting.select_related("host"):
         state = State(deployment.state)
-        kind = WAITING_FOR.get(state, "watch")
+        # A delete was asked for: the page shows it under way until the record is gone.
+        kind = "delete" if deployment.delete_requested_at else WAITING_FOR.get(state, "watch")
         job_id = naming.deployment_job_id(kind, deployment.pk, deployment.generation)
         if is_pending(queue, job_id):
             continue

@@ -21,20 +21,25 @@ KEEPALIVE_S = 15.0
 
 
 async def sse_events(
-    deployment_pk: int, render: Callable[[], Awaitable[str]]
+    deployment_pk: int,
+    render: Callable[[], Awaitable[str]],
+    personalise: Callable[[str], str] = str,
 ) -> AsyncIterator[str]:
-    """``event: status`` with the freshly rendered status each time the deployment changes."""
+    """``event: status`` with the freshly rendered status each time the deployment changes.
+    A render is shared by the viewers of a change; ``personalise`` puts in what is this
+    viewer's own (the CSRF token of the status's forms)."""
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
     pubsub = client.pubsub()
     try:
         # Subscribe before rendering the current state, so no change falls in between.
         await pubsub.subscribe(channel(deployment_pk))
-        yield _event(await render())
+        yield _event(personalise(await render()))
         quiet_since = time.monotonic()
         while True:
             message = await pubsub.get_message(timeout=KEEPALIVE_S)
             if message is not None and message["type"] == "message":
-                yield _event(await _shared(deployment_pk, message["data"], render))
+                html = await _shared(deployment_pk, message["data"], render)
+                yield _event(personalise(html))
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                 yield ": keepalive\n\n"
@@ -52,7 +57,8 @@ SHARE_S = 5.0  # how long a render answers late viewers of the same change
 async def _shared(deployment_pk: int, change: bytes, render: Callable[[], Awaitable[str]]) -> str:
     """Render once per change for every viewer of the deployment in this process: each publish
     carries its own id, so all viewers of one change ask for the same key. The status partial
-    holds nothing particular to a viewer (every one of them passed the same access check)."""
+    holds nothing particular to a viewer (every one of them passed the same access check; the
+    CSRF token of its forms is a placeholder that ``personalise`` fills per viewer)."""
     key = (deployment_pk, change)
     task = _renders.get(key)
     if task is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -11,6 +12,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db import connections
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_POST
@@ -27,9 +29,13 @@ from deployments.runtime.engine_args import SchemaError, parse_engine_args
 from deployments.runtime.launch_spec import container_kwargs, docker_run_line
 from deployments.runtime.launcher import build_spec
 from deployments.states import ACTIVE, State
-from deployments.web import api_deployments
+from deployments.web import api_deployments, run_line
+from deployments.web.deleted import Deleted, find_deleted
 from deployments.web.forms import DeployForm
 from deployments.web.stream import sse_events
+
+# Stands in for the CSRF token in a status rendered once for every viewer of a stream.
+CSRF_SLOT = "berth-csrf-token-slot"
 
 DEPLOYMENTS_PER_PAGE = 50
 SEGMENT_CLASSES = {
@@ -128,10 +134,22 @@ def plan_preview(request: HttpRequest) -> HttpResponse:
 
 @role_required(Role.MEMBER)
 def deployment_detail(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
-    deployment = _load(request, public_id)
+    try:
+        deployment = _load(request, public_id)
+    except Http404:
+        if (deleted := find_deleted(public_id, request.user)) is None:
+            raise
+        return _deleted_response(request, deleted)
     if request.htmx:
         return render(request, "deployments/detail.html#status", _status_context(deployment))
     return render(request, "deployments/detail.html", _detail_context(deployment))
+
+
+def _deleted_response(request: HttpRequest, deleted: Deleted) -> HttpResponse:
+    """410 Gone with who deleted it; to the page's own polling, 286 (htmx stops polling)."""
+    if request.htmx:
+        return render(request, "deployments/deleted.html#gone", {"deleted": deleted}, status=286)
+    return render(request, "deployments/deleted.html", {"deleted": deleted}, status=410)
 
 
 def _release_connections() -> None:
@@ -151,20 +169,29 @@ async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> Strea
     # than hold one per viewer (PostgreSQL refuses clients past max_connections).
     await sync_to_async(_release_connections)()
 
+    # The status is rendered once per change for all viewers (deployments.web.stream): its forms
+    # get a placeholder for the CSRF token, and each viewer's stream puts in its own.
+    token = get_token(request)
+
     @sync_to_async(thread_sensitive=False)
     def render_status() -> str:
         try:
-            fresh = Deployment.objects.select_related("team", "model__mount", "host", "image").get(
-                pk=deployment.pk
+            fresh = (
+                Deployment.objects.select_related("team", "model__mount", "host", "image")
+                .filter(pk=deployment.pk)
+                .first()
             )
-            return render_to_string(
-                "deployments/detail.html#status", _status_context(fresh), request=request
-            )
+            if fresh is None:  # deleted while the page was open: say so, and by whom
+                deleted = find_deleted(public_id, user)
+                return render_to_string("deployments/deleted.html#gone", {"deleted": deleted})
+            context = {**_status_context(fresh), "csrf_token": CSRF_SLOT}
+            return render_to_string("deployments/detail.html#status", context, request=request)
         finally:
             _release_connections()  # this pool thread's: the next render may run on another
 
     response = StreamingHttpResponse(
-        sse_events(deployment.pk, render_status), content_type="text/event-stream"
+        sse_events(deployment.pk, render_status, lambda html: html.replace(CSRF_SLOT, token)),
+        content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
@@ -175,41 +202,56 @@ async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> Strea
 @role_required(Role.MEMBER)
 def stop(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
     deployment = _load(request, public_id, Action.DEPLOYMENT_STOP_REQUESTED)
-    try:
-        services.request_stop(request.user, deployment)
-        messages.success(request, f"Stopping {deployment.name}.")
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-    return redirect("deployment-detail", public_id=public_id)
+    return _act(request, deployment, services.request_stop, lambda: f"Stopping {deployment.name}.")
 
 
 @require_POST
 @role_required(Role.MEMBER)
 def restart(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
     deployment = _load(request, public_id, Action.DEPLOYMENT_RESTART_REQUESTED)
-    try:
-        services.request_restart(request.user, deployment)
-        messages.success(
-            request, f"Generation {deployment.generation} of {deployment.name} queued."
-        )
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-    return redirect("deployment-detail", public_id=public_id)
+    return _act(
+        request,
+        deployment,
+        services.request_restart,
+        lambda: f"Generation {deployment.generation} of {deployment.name} queued.",
+    )
 
 
 @require_POST
 @role_required(Role.MEMBER)
 def delete(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
     deployment = _load(request, public_id, Action.DEPLOYMENT_DELETE_REQUESTED)
-    try:
-        services.request_delete(request.user, deployment)
-    except ValidationError as exc:
-        messages.error(request, " ".join(exc.messages))
-        return redirect("deployment-detail", public_id=public_id)
-    messages.success(
-        request, f"Deleting {deployment.name}: its cache volume is removed, then the record."
+    return _act(
+        request,
+        deployment,
+        services.request_delete,
+        lambda: f"Deleting {deployment.name}: its cache volume is removed, then the record.",
+        then="deployments-index",
     )
-    return redirect("deployments-index")
+
+
+def _act(
+    request: HttpRequest,
+    deployment: Deployment,
+    service: Callable[[Any, Deployment], None],
+    done: Callable[[], str],
+    then: str = "deployment-detail",
+) -> HttpResponse:
+    """Run an action. From the page (htmx) the answer is a notice beside the status, which the
+    stream updates; without JavaScript, a message and a redirect."""
+    try:
+        service(request.user, deployment)
+    except ValidationError as exc:
+        text, ok = " ".join(exc.messages), False
+    else:
+        text, ok = done(), True
+    if request.htmx:
+        context = {"notice": text, "notice_ok": ok}
+        return render(request, "deployments/detail.html#notice", context)
+    (messages.success if ok else messages.error)(request, text)
+    if ok and then == "deployments-index":
+        return redirect(then)
+    return redirect("deployment-detail", public_id=deployment.public_id)
 
 
 def _load(request: HttpRequest, public_id: uuid.UUID, action: Action | None = None) -> Deployment:
@@ -238,25 +280,34 @@ def _status_context(deployment: Deployment) -> dict:
         deployment.allocations.filter(generation=deployment.generation).select_related("gpu")
     )
     events = list(deployment.events.filter(generation=deployment.generation).order_by("time", "id"))
+    deleting = deployment.delete_requested_at is not None
+    ended = deployment.state in (State.FAILED, State.STOPPED)
     return {
         "gpu_memory": [_memory_bar(a.gpu) for a in allocations if a.active],
         "deployment": deployment,
         "events": events,
         "progress": load_progress(deployment, events),
         "allocations": allocations,
-        "live": deployment.state in ACTIVE,
+        "run_line_values": run_line.current_values(deployment, allocations),
+        # A restart is a new generation: its readiness counts from its own request, the first
+        # event of the generation (generation 1: the deployment's creation).
+        "requested_at": deployment.created
+        if deployment.generation == 1 or not events
+        else events[0].time,
+        "deleting": deleting,
         "can_stop": deployment.state in ACTIVE - {State.STOPPING},
-        "can_restart": deployment.state in (State.FAILED, State.STOPPED),
+        "can_restart": ended and not deleting,
+        "can_delete": ended and not deleting,
     }
 
 
 def _detail_context(deployment: Deployment) -> dict:
     """The whole page: the status, and the ``docker run`` line rebuilt from the spec."""
     context = _status_context(deployment)
-    gpus = [allocation.gpu for allocation in context["allocations"]]
+    gpus = run_line.gpus_for_line(deployment, context["allocations"])
     return {
         **context,
-        "run_line": _run_line(deployment, gpus),
+        "run_line": run_line.marked(_run_line(deployment, gpus)),
         "endpoint": api_deployments.endpoint(deployment),
         "curl_line": api_deployments.curl_line(deployment),
     }
