@@ -17,6 +17,7 @@ from audit.models import AuditEvent
 from core.queues import redis_connection
 from deployments.models import Deployment
 from deployments.states import State
+from deployments.web import api_deployments
 from gpus.models import Host
 from models_registry.models import Model
 
@@ -42,6 +43,7 @@ def _operator_overview(user: Any) -> dict[str, Any]:
     recent = deployments.select_related("team", "model", "host", "image").order_by("-updated")
     return {
         "recent_deployments": recent[:RECENT_DEPLOYMENTS],
+        "gateway_base_url": api_deployments.gateway_base_url(),
         "deployment_states": [(s, s.label, by_state[s]) for s in State if by_state.get(s)],
         "model_count": Model.objects.visible_to(user).count(),
         "hosts": Host.objects.annotate(gpu_count=Count("gpus")).order_by("name"),

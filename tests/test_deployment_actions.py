@@ -194,3 +194,20 @@ def test_the_run_line_marks_what_the_pushed_status_fills_in(
     ).content.decode()
     assert '<span hx-swap-oob="innerHTML:.run-line-port">30123</span>' in status
     assert f'<span hx-swap-oob="innerHTML:.run-line-gpus">{gpu.uuid}</span>' in status
+
+
+def test_list_and_dashboard_show_a_ready_deployments_endpoint(
+    alice: User, deployment: Deployment, settings: Any
+) -> None:
+    settings.BERTH_GATEWAY_URL = "https://llm.example.com/"
+    client = client_for(alice)
+    for page in ("/deployments/", "/"):
+        assert (
+            '<code title="https://llm.example.com/v1">tiny</code>'
+            not in client.get(page).content.decode()
+        )
+    Deployment.objects.filter(pk=deployment.pk).update(state=State.READY)
+    for page in ("/deployments/", "/"):
+        html = client.get(page).content.decode()
+        assert "<code>https://llm.example.com/v1</code>" in html, page
+        assert '<code title="https://llm.example.com/v1">tiny</code>' in html, page

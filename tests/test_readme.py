@@ -7,6 +7,8 @@ import ast
 import re
 from pathlib import Path
 
+from deployments.runtime.engine_args import PARSERS
+from deployments.web.api import FIELDS
 from tests.conftest import BASE_DIR
 
 README = BASE_DIR / "README.md"
@@ -79,3 +81,15 @@ def test_the_readme_screenshots_exist() -> None:
     assert images, "the README shows no screenshot"
     for image in images:
         assert (BASE_DIR / image).stat().st_size > 10_000, image
+
+
+def test_the_json_api_fields_are_documented_exactly() -> None:
+    """Every field the JSON deploy API accepts is in the README's table, described as the API
+    describes it in its own refusals (``model`` an id, the others names; ``override_reason``)."""
+    rows = dict(re.findall(r"^  \| `([a-z_]+)` \| (.+?) \|$", README.read_text(), re.M))
+    assert set(rows) == set(FIELDS)
+    for field, description in FIELDS.items():
+        if field != "engine_args":
+            assert rows[field] == description, field
+    assert rows["engine_args"].startswith(FIELDS["engine_args"])
+    assert re.findall(r"`([a-z_]+)`", rows["engine_args"]) == list(PARSERS)

@@ -97,9 +97,14 @@ def stop(request: HttpRequest, public_id: uuid.UUID) -> JsonResponse:
     return JsonResponse({"id": str(deployment.public_id), "state": deployment.state}, status=202)
 
 
+def gateway_base_url() -> str:
+    """The OpenAI-compatible base URL every deployment is reached at (through the gateway)."""
+    return settings.BERTH_GATEWAY_URL.rstrip("/") + "/v1"
+
+
 def endpoint(deployment: Deployment) -> dict[str, str]:
     """Where clients send requests for this deployment: the gateway, by its served name."""
-    return {"base_url": settings.BERTH_GATEWAY_URL.rstrip("/") + "/v1", "model": deployment.name}
+    return {"base_url": gateway_base_url(), "model": deployment.name}
 
 
 def curl_line(deployment: Deployment) -> str:

@@ -61,6 +61,7 @@ def deployment_list(request: HttpRequest) -> HttpResponse:
         {
             "deployments": page.object_list,
             "page": page,
+            "gateway_base_url": api_deployments.gateway_base_url(),
             "can_deploy": visible_teams(request.user).exists(),
         },
     )
