@@ -21,7 +21,7 @@ from accounts.models import Team
 from audit.actions import Action, Outcome
 from audit.trail import denial_reason
 from core.contention import Contended, retrying
-from deployments import planning
+from deployments import planning, sizing
 from deployments.changes import publish
 from deployments.models import Deployment, EngineImage
 from deployments.planning.stored import StoredPlan
@@ -59,33 +59,20 @@ class DeployRequest:
     override_reason: str = ""  # admins only: launch although the plan does not fit
 
 
-def plan_for(model: Any, host: Any, args: EngineArgs, gpu_count: int | None) -> planning.Plan:
+def plan_for(
+    model: Any, host: Any, args: EngineArgs, gpu_count: int | None, image: Any = None
+) -> planning.Plan:
     """The planner's answer for ``model`` on ``host``'s GPUs with these flags."""
-    gpus = [gpu for gpu in host.gpus.all() if gpu.present and gpu.memory_total_mib]
+    gpus = sizing.host_gpus(host)
     if not gpus:
-        raise ValidationError(
-            {"host": f"{host.name} reports no GPUs: pick another host or a CPU image"}
-        )
-    summary = (
-        planning.WeightsSummary(model.parameter_count, model.weights_bytes, dict(model.dtypes))
-        if model.parameter_count and model.weights_bytes
-        else None
-    )
-    request = planning.PlanRequest(
-        gpu_memory_bytes=min(gpu.memory_total_mib for gpu in gpus) * MIB,
-        gpus_on_host=len(gpus),
-        gpu_memory_utilization=args.gpu_memory_utilization
-        or planning.DEFAULT_GPU_MEMORY_UTILIZATION,
-        max_model_len=args.max_model_len,
-        dtype=args.dtype or "auto",
-        kv_cache_dtype=args.kv_cache_dtype or "auto",
-        tensor_parallel_size=gpu_count,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        enforce_eager=args.enforce_eager,
+        if image is not None:
+            raise sizing.no_gpus_refusal(host, image)
+        raise ValidationError({"host": f"{host.name} reports no GPUs"})
+    request = sizing.plan_request(
+        args, min(gpu.memory_total_mib for gpu in gpus) * MIB, len(gpus), gpu_count
     )
     try:
-        return planning.plan(model.config, request, summary)
+        return planning.plan(model.config, request, sizing.weights_summary(model))
     except planning.PlannerError as exc:
         raise ValidationError({"model": f"cannot plan this model: {exc}"}) from None
 
@@ -185,8 +172,14 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
         environment = parse_environment(data.environment)
     except SchemaError as exc:
         errors["environment"] = "; ".join(f"{key} {why}" for key, why in exc.errors.items())
+    if not errors:
+        try:
+            sizing.check_context_length(data.model, args.max_model_len, environment)
+        except ValidationError as exc:
+            errors.update({key: " ".join(value) for key, value in exc.message_dict.items()})
     if errors:
         raise ValidationError(errors)
+    data.gpu_count = sizing.gpu_count_for(data.host, data.image, data.gpu_count)
     gpu_count, tp, plan_json, timers = _gpus_and_plan(user, data, args)
     return Deployment(
         name=data.name,
@@ -218,7 +211,7 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
         raise ValidationError(
             {"gpu_count": f"{data.host.name} has {present} GPUs: choose at most {present}"}
         )
-    result = plan_for(data.model, data.host, args, data.gpu_count)
+    result = plan_for(data.model, data.host, args, data.gpu_count, data.image)
     if not result.fits:
         if not data.override_reason or not getattr(user, "is_admin", False):
             why = result.reasons[-1] if result.reasons else "the model does not fit"

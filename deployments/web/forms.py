@@ -10,8 +10,9 @@ from django import forms
 from accounts.access import visible_teams
 from accounts.models import slug_validator
 from deployments.models import EngineImage
+from deployments.planning import DEFAULT_GPU_MEMORY_UTILIZATION
 from deployments.runtime.engine_args import DTYPES, KV_CACHE_DTYPES
-from gpus.models import Host
+from gpus.models import Gpu, Host
 from models_registry.models import Model, ModelStatus
 
 MAX_ENV_LINES = 32
@@ -34,7 +35,10 @@ class DeployForm(forms.Form):
         required=False,
         min_value=0,
         max_value=16,
-        help_text="Empty: the planner picks the smallest that fits; 0 for CPU images",
+        help_text=(
+            "Empty: the planner picks the smallest that fits; 0 for a CPU engine (what empty "
+            "means on a host without GPUs)"
+        ),
     )
     max_model_len = forms.IntegerField(
         label="Context length (tokens)",
@@ -49,7 +53,10 @@ class DeployForm(forms.Form):
         min_value=0.1,
         max_value=0.98,
         decimal_places=3,
-        help_text="Share of each GPU's memory vLLM may take (empty: 0.9, vLLM's default)",
+        help_text=(
+            "Share of each GPU's memory vLLM may take "
+            f"(empty: {DEFAULT_GPU_MEMORY_UTILIZATION}, vLLM's default)"
+        ),
     )
     kv_cache_dtype = forms.ChoiceField(
         label="KV cache dtype", choices=[(c, c) for c in KV_CACHE_DTYPES], initial="auto"
@@ -89,6 +96,8 @@ class DeployForm(forms.Form):
             .select_related("team")
         )
         self.fields["host"].queryset = Host.objects.order_by("name")
+        if not Gpu.objects.filter(present=True, memory_total_mib__gt=0).exists():
+            self.fields["gpu_count"].initial = 0  # no GPU anywhere: only a CPU engine can run
         if not getattr(user, "is_admin", False):
             del self.fields["override_reason"]
 

@@ -22,7 +22,7 @@ from accounts.access import get_visible_or_404, role_required, visible_teams
 from accounts.models import Role
 from audit.actions import Action, Outcome
 from core.contention import Contended
-from deployments import services
+from deployments import services, sizing
 from deployments.models import Deployment
 from deployments.progress import load_progress
 from deployments.runtime.engine_args import SchemaError, parse_engine_args
@@ -106,31 +106,39 @@ def deploy(request: HttpRequest) -> HttpResponse:
 @require_POST
 @role_required(Role.MEMBER)
 def plan_preview(request: HttpRequest) -> HttpResponse:
-    """The htmx partial: the plan for what the form says right now."""
+    """The htmx partial: the plan for what the form says right now, and what the model would
+    need on the GPUs people commonly have (also when the chosen host has none)."""
     form = DeployForm(request.POST, user=request.user)
-    context: dict = {"error": None, "note": None, "plan": None}
     form.is_valid()
     data = form.cleaned_data
     if not all(data.get(key) for key in ("model", "host", "image")):
-        context["note"] = "Choose a model, a host and an image to see the plan."
-    elif data.get("gpu_count") == 0:
-        if data["image"].cpu_capable:
-            context["note"] = "0 GPUs: a CPU engine, nothing to plan."
-        else:
-            context["error"] = "This image needs GPUs: set GPUs to 1 or more, or leave it empty."
-    else:
-        try:
-            args = parse_engine_args(form.engine_args())
-            context["plan"] = services.plan_for(
-                data["model"], data["host"], args, data.get("gpu_count")
-            )
-        except SchemaError as exc:
-            context["error"] = str(exc)
-        except ValidationError as exc:
-            context["error"] = " ".join(exc.messages)
-    if context["plan"] is not None:
-        context["bars"] = _bars(context["plan"])
+        context = {"note": "Choose a model, a host and an image to see the plan."}
+        return render(request, "deployments/deploy.html#plan", context)
+    try:
+        args = parse_engine_args(form.engine_args())
+    except SchemaError as exc:
+        return render(request, "deployments/deploy.html#plan", {"error": str(exc)})
+    context = _preview(data, args)
+    context["common"] = sizing.on_common_gpus(data["model"], args)
     return render(request, "deployments/deploy.html#plan", context)
+
+
+def _preview(data: dict[str, Any], args: Any) -> dict[str, Any]:
+    host, image = data["host"], data["image"]
+    gpu_count = sizing.gpu_count_for(host, image, data.get("gpu_count"))
+    try:
+        sizing.check_context_length(
+            data["model"], args.max_model_len, data.get("environment") or {}
+        )
+        if gpu_count == 0:
+            if not image.cpu_capable:
+                return {"error": "This image needs GPUs: set GPUs to 1 or more, or leave it empty."}
+            why = "" if data.get("gpu_count") == 0 else f"{host.name} has no GPUs, so GPUs is 0: "
+            return {"note": f"{why}a CPU engine, nothing to plan on this host."}
+        plan = services.plan_for(data["model"], host, args, gpu_count, image)
+    except ValidationError as exc:
+        return {"error": " ".join(exc.messages)}
+    return {"plan": plan, "bars": _bars(plan)}
 
 
 @role_required(Role.MEMBER)
