@@ -27,6 +27,7 @@ from config.env import (
     env_str,
     parse_database_url,
 )
+from config.rq_queues import QueueSettings
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -104,6 +105,8 @@ MIDDLEWARE = [
     # Request id and client IP first, so every log line below carries them.
     "core.middleware.RequestContextMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
+    # The RQ dashboard's fixed inline snippets, allowed by hash on its pages only.
+    "config.rq_dashboard.RqDashboardCspMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -164,12 +167,13 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis and RQ ---------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
-RQ_QUEUES = {
-    "default": {
+# The configured queue, and every host's queue (host:<name>) Redis knows, for the RQ dashboard.
+RQ_QUEUES = QueueSettings(
+    default={
         "URL": REDIS_URL,
         "DEFAULT_TIMEOUT": env_int("RQ_DEFAULT_TIMEOUT_S", 600, minimum=1),
     },
-}
+)
 RQ = {"JOB_CLASS": "core.queues.ContextJob"}
 RQ_SHOW_ADMIN_LINK = True
 
