@@ -132,8 +132,8 @@ class Deployment(models.Model):
     )
     host = models.ForeignKey("gpus.Host", on_delete=models.PROTECT, related_name="deployments")
     image = models.ForeignKey(EngineImage, on_delete=models.PROTECT, related_name="deployments")
+    # The GPUs the deployment holds, one tensor-parallel rank each (0: a CPU engine).
     gpu_count = models.PositiveSmallIntegerField()
-    tensor_parallel_size = models.PositiveSmallIntegerField(default=1)
     engine_args = models.JSONField(default=dict, blank=True)
     environment = models.JSONField(default=dict, blank=True)
     plan = models.JSONField(default=dict, blank=True)
@@ -186,6 +186,11 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.team.slug}/{self.name}"
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """vLLM's ``--tensor-parallel-size``: one rank per GPU held, 1 for a CPU engine."""
+        return max(self.gpu_count, 1)
 
     @property
     def stored_plan(self) -> StoredPlan | None:

@@ -180,7 +180,7 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
     if errors:
         raise ValidationError(errors)
     data.gpu_count = sizing.gpu_count_for(data.host, data.image, data.gpu_count)
-    gpu_count, tp, plan_json, timers = _gpus_and_plan(user, data, args)
+    gpu_count, plan_json, timers = _gpus_and_plan(user, data, args)
     return Deployment(
         name=data.name,
         team=data.team,
@@ -188,7 +188,6 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
         host=data.host,
         image=data.image,
         gpu_count=gpu_count,
-        tensor_parallel_size=tp,
         engine_args={k: v for k, v in data.engine_args.items() if v not in (None, "")},
         environment=environment,
         plan=plan_json,
@@ -197,13 +196,15 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
     )
 
 
-def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[int, int, dict, dict]:
+def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[int, dict, dict]:
+    """The GPUs the deployment will hold (one tensor-parallel rank each; 0 for a CPU engine),
+    its stored plan and the timers derived from it."""
     if data.gpu_count == 0:
         if not data.image.cpu_capable:
             raise ValidationError(
                 {"gpu_count": "this image needs GPUs; choose at least 1 or a CPU-capable image"}
             )
-        return 0, 1, {}, {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}
+        return 0, {}, {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}
     if not data.image.gpu_capable:
         raise ValidationError({"gpu_count": "this image runs without GPUs only: set GPUs to 0"})
     present = sum(1 for gpu in data.host.gpus.all() if gpu.present)
@@ -237,7 +238,7 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
         "stall_timeout_s": result.startup.stall_timeout_s,
         "engine_ready_timeout_s": result.startup.engine_ready_timeout_s,
     }
-    return tp, tp, stored.to_json(), timers
+    return tp, stored.to_json(), timers
 
 
 def _check_team_quota(team: Team, wanted: int) -> None:

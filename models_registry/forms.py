@@ -1,4 +1,5 @@
-"""The register form: a team the user belongs to and a canonical path."""
+"""The register form: a team the user belongs to and a path (normalized once, by the register
+service, which names the field in its refusal)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,3 @@ class RegisterModelForm(forms.Form):
     def __init__(self, *args: Any, user: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.fields["team"].queryset = visible_teams(user)
-
-    def clean_path(self) -> str:
-        try:
-            return paths.normalize(self.cleaned_data["path"], field="path")
-        except paths.PathError as exc:
-            raise forms.ValidationError(str(exc)) from None

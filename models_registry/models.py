@@ -212,8 +212,18 @@ class Model(models.Model):
         return self.path
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        self.normalize_path()
+        if self.path != getattr(self, "_resolved_path", None):
+            self.normalize_path()
         super().save(*args, **kwargs)
+
+    @classmethod
+    def at(cls, translation: paths.Translation, mount: StorageMount, **fields: Any) -> Model:
+        """A new model at a path already resolved against ``mount`` (``paths.resolve``): its
+        save does not resolve it a second time."""
+        model = cls(mount=mount, path=translation.canonical, **fields)
+        model.name = translation.canonical.rsplit("/", 1)[-1]
+        model._resolved_path = translation.canonical
+        return model
 
     def normalize_path(self) -> paths.Translation:
         """Normalize ``path`` against the registered mounts and point ``mount`` at its mount;
@@ -225,6 +235,7 @@ class Model(models.Model):
             raise ValidationError({"path": str(exc)}) from None
         self.path, self.mount = translation.canonical, mounts[translation.mount]
         self.name = self.path.rsplit("/", 1)[-1]
+        self._resolved_path = self.path
         return translation
 
     @property

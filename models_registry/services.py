@@ -78,7 +78,7 @@ def register(user: Any, team: Team, raw_path: object) -> Model:
         raise
     report = inspect_translation(translation, mount)
     with transaction.atomic():
-        model = Model(team=team, mount=mount, path=translation.canonical, registered_by=user)
+        model = Model.at(translation, mount, team=team, registered_by=user)
         apply_inspection(model, report)
         model.save()
         audit.record(Action.MODEL_REGISTERED, target=model, actor=user, **_summary(model))

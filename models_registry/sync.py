@@ -163,7 +163,7 @@ def _sync_one(
     report = inspect_translation(translation, mount)
     with transaction.atomic():
         created = model is None
-        model = model or Model(team=team, mount=mount, path=translation.canonical)
+        model = model or Model.at(translation, mount, team=team)
         apply_inspection(model, report)
         model.save()
         action = Action.MODEL_REGISTERED if created else Action.MODEL_INSPECTED

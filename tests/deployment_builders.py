@@ -78,7 +78,6 @@ def deployment(
         host=host,
         image=engine_image(),
         gpu_count=gpu_count,
-        tensor_parallel_size=gpu_count,
     )
 
 

@@ -256,15 +256,15 @@ def test_finding_14_denied_rows_say_what_was_attempted(
         "gpu-01",
     )
     assert event.payload["name"] == "sneaky"
-    # Refused by the form (a path with "..", a team alice is not in) and by the service (a
-    # path in another team's folder).
+    # Refused by the form (a team alice is not in) and by the service, which normalizes the
+    # path once (a path with "..", a path in another team's folder).
     client.post("/models/register/", {"team": team_a.pk, "path": "/ceph/models/team-a/../x"})
     client.post("/models/register/", {"team": team_b.pk, "path": "/ceph/models/team-b/y"})
     client.post("/models/register/", {"team": team_a.pk, "path": "/ceph/models/team-b/y"})
     events = AuditEvent.objects.filter(action="model.registered").order_by("seq")
     assert [event.outcome for event in events] == ["denied"] * 3
     assert [event.payload["attempted"] for event in events] == [
-        {"team": str(team_a.pk), "path": "/ceph/models/team-a/../x"},
+        {"team": "team-a", "path": "/ceph/models/team-a/../x"},
         {"team": str(team_b.pk), "path": "/ceph/models/team-b/y"},
         {"team": "team-a", "path": "/ceph/models/team-b/y"},
     ]

@@ -25,6 +25,7 @@ from deployments.runtime import launcher
 from deployments.runtime.engine_args import parse_engine_args
 from deployments.services import plan_for
 from deployments.states import State
+from deployments.web.forms import DeployForm
 from tests.conftest import BASE_DIR, subprocess_env
 from tests.deployment_builders import host_with_gpus, registered_model
 from tests.model_dirs import write_model
@@ -96,7 +97,7 @@ def test_permission_matrix(people: dict[str, User | None], setup: dict[str, Any]
         ({"gpu_count": "0"}, "gpu_count", "needs GPUs"),
         ({"gpu_count": "-1"}, "gpu_count", "greater than or equal to 0"),
         ({"gpu_count": "1e9"}, "gpu_count", "whole number"),
-        ({"gpu_memory_utilization": "1.5"}, "gpu_memory_utilization", "less than or equal to 0.98"),
+        ({"gpu_memory_utilization": "1.5"}, "gpu_memory_utilization", "between 0.1 and 0.98"),
         ({"gpu_memory_utilization": "NaN"}, "gpu_memory_utilization", "number"),
         ({"max_model_len": "4096; rm -rf /"}, "max_model_len", "whole number"),
         ({"gpu_count": "3"}, "gpu_count", "does not fit"),
@@ -558,3 +559,24 @@ def test_the_migration_types_plans_stored_before_versions(setup: dict[str, Any])
     assert cpu_row.stored_plan is None
     migration.backwards(django_apps, None)
     assert "version" not in Deployment.objects.get(pk=legacy_row.pk).plan
+
+
+@pytest.mark.django_db
+def test_the_json_api_applies_the_deploy_forms_limits_and_filters(
+    alice: User, setup: dict[str, Any]
+) -> None:
+    body = {
+        "team": "team-a", "model": setup["model"].pk, "host": setup["host"].name,
+        "image": "vllm", "name": "tiny", "engine_args": {"max_model_len": 2048},
+    }  # fmt: skip
+    too_many = {**body, "gpu_count": DeployForm.base_fields["gpu_count"].max_value + 1}
+    setup["vllm"].enabled = False
+    setup["vllm"].save()
+    client = client_for(alice)
+    answers = [
+        client.post("/deployments/api/", json.dumps(doc), content_type="application/json")
+        for doc in (too_many, body)
+    ]
+    assert "less than or equal to 16" in answers[0].json()["errors"]["gpu_count"]
+    assert "no image with that name that you may use" in answers[1].json()["errors"]["image"]
+    assert not Deployment.objects.exists()

@@ -78,7 +78,6 @@ def new_deployment(
             host=host,
             image=image,
             gpu_count=gpu_count,
-            tensor_parallel_size=max(gpu_count, 1),
             state=State.QUEUED,
             stall_timeout_s=30,
             plan=planned(max_model_len=2048, gpu_memory_utilization=0.9),

@@ -7,15 +7,17 @@ import json
 import os
 from io import StringIO
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
+from django.test import Client
 
 from accounts.models import Team, User
 from audit.models import AuditEvent
-from models_registry import services
+from models_registry import paths, services
 from models_registry.models import Model, ModelStatus, StorageMount
 from models_registry.sync import SyncError, sync_mount
 from tests.model_dirs import llama_tensors, parameter_count, write_model
@@ -63,6 +65,21 @@ def test_register_inspects_and_stores_the_canonical_path(
     event = AuditEvent.objects.get(action="model.registered")
     assert (event.outcome, event.actor_name, event.team_slug) == ("ok", "alice", "team-a")
     assert event.payload["parameter_count"] == model.parameter_count
+
+
+def test_registering_through_the_page_normalizes_the_path_once(
+    ceph: StorageMount, alice: User, team_a: Team
+) -> None:
+    write_model(local(ceph, "team-a/once"))
+    client = Client()
+    client.force_login(alice)
+    with mock.patch("models_registry.paths.normalize", wraps=paths.normalize) as normalize:
+        response = client.post(
+            "/models/register/", {"team": team_a.pk, "path": "/ceph/models/team-a/once/"}
+        )
+    assert response.status_code == 302
+    assert Model.objects.get().path == "/ceph/models/team-a/once"
+    assert normalize.call_count == 1
 
 
 def test_a_model_with_errors_is_registered_but_not_deployable(

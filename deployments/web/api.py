@@ -28,20 +28,17 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
-from accounts.access import visible_teams
 from accounts.keys import KeyUser
 from accounts.models import slug_validator
 from core.contention import Contended
 from deployments import services
-from deployments.models import EngineImage
 from deployments.web import api_deployments
 from deployments.web.api_door import error, principal
-from gpus.models import Host
-from models_registry.models import Model, ModelStatus
+from deployments.web.forms import ApiDeployForm, DeployForm
 
 MAX_DEPTH = 3  # the document, engine_args / environment, nothing deeper
 MAX_KEYS = 64  # every key at every level, counted before anything else is read
-MAX_GPUS = 16
+MAX_GPUS = DeployForm.base_fields["gpu_count"].max_value
 FIELDS: dict[str, str] = {
     "team": "the team's slug",
     "model": "the model's id (a whole number)",
@@ -206,39 +203,40 @@ def _deploy_request(user: Any, document: dict[str, Any]) -> services.DeployReque
     model_id, gpu_count = document["model"], document.get("gpu_count")
     if isinstance(model_id, bool) or not isinstance(model_id, int):
         errors["model"] = f"must be {FIELDS['model']}"
-    if gpu_count is not None and not (
-        type(gpu_count) is int and 0 <= gpu_count <= MAX_GPUS  # bool is an int subclass
-    ):
+    if gpu_count is not None and type(gpu_count) is not int:  # bool is an int subclass
         errors["gpu_count"] = f"must be {FIELDS['gpu_count']}"
     if errors:
         raise Refusal(errors)
+    form = _bound_form(user, document)
+    data = form.cleaned_data
     return services.DeployRequest(
-        team=_one(visible_teams(user), "team", slug=document["team"]),
-        model=_one(
-            Model.objects.visible_to(user).filter(
-                status__in=[ModelStatus.OK, ModelStatus.WARNINGS]
-            ),
-            "model",
-            pk=model_id,
-        ),
-        host=_one(Host.objects.all(), "host", name=document["host"]),
-        image=_one(EngineImage.objects.filter(enabled=True), "image", name=document["image"]),
+        team=data["team"],
+        model=data["model"],
+        host=data["host"],
+        image=data["image"],
         name=_name(document["name"]),
-        gpu_count=gpu_count,
+        gpu_count=data.get("gpu_count"),
         engine_args=document.get("engine_args", {}),
         environment=document.get("environment", {}),
         override_reason=document.get("override_reason", ""),
     )
 
 
-def _one(queryset: Any, field: str, **lookup: Any) -> Any:
-    """The one row ``lookup`` names among those this user may use; another team's row reads
-    exactly like a missing one."""
-    found = queryset.filter(**lookup).first()
-    if found is None:
-        value = str(next(iter(lookup.values())))[:64]
-        raise Refusal({field: f"no {field} {value!r} that you may use ({FIELDS[field]})"})
-    return found
+def _bound_form(user: Any, document: dict[str, Any]) -> ApiDeployForm:
+    """The deploy form's own choices and limits over the document's typed values; another
+    team's row reads exactly like a missing one."""
+    form = ApiDeployForm(
+        {key: document[key] for key in ApiDeployForm.BOUND if document.get(key) is not None},
+        user=user,
+    )
+    if not form.is_valid():
+        raise Refusal(
+            {
+                field: " ".join(messages) + (f" ({FIELDS[field]})" if field in FIELDS else "")
+                for field, messages in form.errors.items()
+            }
+        )
+    return form
 
 
 def _name(raw: str) -> str:

@@ -11,7 +11,12 @@ from accounts.access import visible_teams
 from accounts.models import slug_validator
 from deployments.models import EngineImage
 from deployments.planning import DEFAULT_GPU_MEMORY_UTILIZATION
-from deployments.runtime.engine_args import DTYPES, KV_CACHE_DTYPES
+from deployments.runtime.engine_args import (
+    DTYPES,
+    KV_CACHE_DTYPES,
+    SchemaError,
+    parse_engine_args,
+)
 from gpus.models import Gpu, Host
 from models_registry.models import Model, ModelStatus
 
@@ -40,19 +45,18 @@ class DeployForm(forms.Form):
             "means on a host without GPUs)"
         ),
     )
-    max_model_len = forms.IntegerField(
+    # Engine settings are text here: ``parse_engine_args`` (run by clean()) is their one parser,
+    # with the bounds the deploy service and the launcher apply again.
+    max_model_len = forms.CharField(
         label="Context length (tokens)",
         required=False,
-        min_value=16,
-        max_value=10_000_000,
+        widget=forms.NumberInput,
         help_text="Empty: the model's own maximum, as vLLM does",
     )
-    gpu_memory_utilization = forms.DecimalField(
+    gpu_memory_utilization = forms.CharField(
         label="GPU memory utilization",
         required=False,
-        min_value=0.1,
-        max_value=0.98,
-        decimal_places=3,
+        widget=forms.NumberInput(attrs={"step": "0.01"}),
         help_text=(
             "Share of each GPU's memory vLLM may take "
             f"(empty: {DEFAULT_GPU_MEMORY_UTILIZATION}, vLLM's default)"
@@ -129,13 +133,24 @@ class DeployForm(forms.Form):
             variables[name.strip()] = value.strip()
         return variables
 
+    def clean(self) -> dict[str, Any]:
+        """The engine settings through the one engine-args parser (remote code is allowed
+        here: whether this model may run it is the deploy service's check)."""
+        cleaned = super().clean()
+        try:
+            parse_engine_args(self.engine_args(), trust_remote_code_allowed=True)
+        except SchemaError as exc:
+            for field, message in exc.errors.items():
+                self.add_error(field if field in self.fields else None, message)
+        return cleaned
+
     def engine_args(self) -> dict[str, Any]:
+        """The engine settings as the user typed them (empty ones left out), for
+        ``parse_engine_args``."""
         data = self.cleaned_data
         args = {
-            "max_model_len": data.get("max_model_len"),
-            "gpu_memory_utilization": str(data["gpu_memory_utilization"])
-            if data.get("gpu_memory_utilization")
-            else None,
+            "max_model_len": data.get("max_model_len") or None,
+            "gpu_memory_utilization": data.get("gpu_memory_utilization") or None,
             "kv_cache_dtype": None
             if data.get("kv_cache_dtype") in (None, "auto")
             else data["kv_cache_dtype"],
@@ -144,3 +159,24 @@ class DeployForm(forms.Form):
             "trust_remote_code": True if data.get("trust_remote_code") else None,
         }
         return {key: value for key, value in args.items() if value is not None}
+
+
+class ApiDeployForm(DeployForm):
+    """The deploy form bound to a JSON request: the same choices, limits and filters, with the
+    team, host and image named by slug or name instead of by primary key. Engine settings and
+    environment come as JSON objects, parsed by the same schema the deploy service applies."""
+
+    NATURAL_KEYS = {"team": "slug", "host": "name", "image": "name"}
+    BOUND = ("team", "model", "host", "image", "name", "gpu_count")
+
+    def __init__(self, *args: Any, user: Any, **kwargs: Any):
+        super().__init__(*args, user=user, **kwargs)
+        for name in set(self.fields) - set(self.BOUND):
+            del self.fields[name]
+        for name, key in self.NATURAL_KEYS.items():
+            self.fields[name].to_field_name = key
+        for name in ("team", "model", "host", "image"):
+            key = self.NATURAL_KEYS.get(name, "id")
+            self.fields[name].error_messages["invalid_choice"] = (
+                f"no {name} with that {key} that you may use"
+            )
