@@ -9,6 +9,7 @@ import pytest
 from playwright.sync_api import expect
 
 from accounts.models import User
+from audit.jobs import verify_chain
 from config.rq_dashboard import inline_hashes, policy
 from config.rq_queues import QueueSettings
 from core.queues import get_queue
@@ -23,7 +24,7 @@ def test_the_rq_dashboard_lists_host_queues_under_the_csp(page: Any, admin: User
     host = register_host("gpu-07")[0]
     queue = get_queue(host.queue_name)
     queue.empty()
-    queue.enqueue("audit.jobs.verify_chain", job_id="waiting-on-gpu-07")
+    queue.enqueue(verify_chain, job_id="waiting-on-gpu-07")
     try:
         browser_login(page, "root")
         page.wait_for_url("**/")
