@@ -17,12 +17,12 @@ import hmac
 import statistics
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db.models import Count, Max
+from django.db.models import Count, Max, Sum
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
@@ -35,6 +35,7 @@ from rq.job import Job
 from core.queues import DEFAULT_QUEUE, get_queue, redis_connection
 from deployments.models import Deployment
 from deployments.states import State
+from gateway.models import UsageMinute
 from gpus.models import Gpu, Host
 
 MIB = 1024 * 1024
@@ -58,6 +59,39 @@ class BerthCollector(Collector):
         yield from self._gpu_memory()
         yield from self._hosts()
         yield from self._jobs()
+        yield from self._gateway_usage()
+
+    def _gateway_usage(self) -> Iterator[Metric]:
+        """Month-to-date (UTC) usage through the gateways, from the per-minute rows that every
+        gateway process writes: one figure for all of them, kept across restarts."""
+        month_start = self.now.astimezone(UTC).replace(
+            day=1, hour=0, minute=0, second=0, microsecond=0
+        )
+        rows = (
+            UsageMinute.objects.filter(minute__gte=month_start)
+            .order_by()
+            .values_list("team__slug", "model")
+            .annotate(
+                Sum("requests"), Sum("errors"), Sum("prompt_tokens"), Sum("completion_tokens")
+            )
+        )
+        requests = GaugeMetricFamily(
+            "berth_gateway_month_requests",
+            "Requests through the gateways this calendar month (UTC), by team, model, outcome.",
+            labels=["team", "model", "outcome"],
+        )
+        tokens = GaugeMetricFamily(
+            "berth_gateway_month_tokens",
+            "Tokens the engines reported this calendar month (UTC), by team, model and kind.",
+            labels=["team", "model", "kind"],
+        )
+        for team, model, total, failed, prompt, completion in rows:
+            requests.add_metric([team, model, "ok"], total - failed)
+            requests.add_metric([team, model, "error"], failed)
+            tokens.add_metric([team, model, "prompt"], prompt)
+            tokens.add_metric([team, model, "completion"], completion)
+        yield requests
+        yield tokens
 
     def _deployments(self) -> Metric:
         family = GaugeMetricFamily(

@@ -3,6 +3,7 @@ RQ's registries at scrape time (real Redis, real RQ worker)."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from accounts.models import Team, User
 from core.queues import redis_connection
 from deployments.models import Deployment
 from deployments.states import State
+from gateway.usage import UsageRecord, apply
 from gpus.models import Gpu, HostStatus
 from tests.conftest import run_manage, subprocess_env
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
@@ -158,3 +160,26 @@ def test_a_short_metrics_token_stops_start_up_with_the_fix() -> None:
     result = run_manage("check", env=subprocess_env(BERTH_METRICS_TOKEN="short"))
     assert result.returncode != 0
     assert "BERTH_METRICS_TOKEN is shorter than 24 characters" in result.stderr
+
+
+def test_the_months_gateway_usage_by_team_and_model(
+    admin: User, team_a: Team, settings: Any
+) -> None:
+    now = time.time()
+    last_month = now - 40 * 86400
+    records = [
+        UsageRecord(now, team_a.pk, "1a2b3c4d", "llama", 7, 0, status, 10, 5, 30.0, None)
+        for status in (200, 200, 502)
+    ]
+    apply(
+        [
+            *records,
+            UsageRecord(last_month, team_a.pk, "1a2b3c4d", "llama", 7, 0, 200, 99, 99, 30.0, None),
+        ]
+    )
+    client = Client()
+    client.force_login(admin)
+    text = client.get("/metrics").content.decode()
+    assert 'berth_gateway_month_requests{model="llama",outcome="ok",team="team-a"} 2.0' in text
+    assert 'berth_gateway_month_requests{model="llama",outcome="error",team="team-a"} 1.0' in text
+    assert 'berth_gateway_month_tokens{kind="completion",model="llama",team="team-a"} 15.0' in text
