@@ -27,7 +27,10 @@ class QueueSettings(dict[str, dict[str, Any]]):
     Without Redis, the configured ones."""
 
     def items(self) -> ItemsView[str, dict[str, Any]]:  # type: ignore[override]
-        return {**{name: self[BASE] for name in self._registered()}, **dict(self)}.items()
+        # Only host queues: another queue in the same Redis (a test's, another tool's) is not
+        # one of ours, and the dashboard would look it up and get a KeyError (a 500 page).
+        hosts = [name for name in self._registered() if name.startswith(HOST_QUEUE_PREFIX)]
+        return {**{name: self[BASE] for name in hosts}, **dict(self)}.items()
 
     def __missing__(self, name: str) -> dict[str, Any]:
         if name.startswith(HOST_QUEUE_PREFIX):

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import expect
+from redis import Redis
+from rq import Queue
 
 from accounts.models import User
 from audit.jobs import verify_chain
@@ -14,7 +16,7 @@ from config.rq_dashboard import inline_hashes, policy
 from config.rq_queues import QueueSettings
 from core.queues import get_queue
 from gpus.hosts import register_host
-from tests.conftest import browser_login
+from tests.conftest import TEST_REDIS_URL, browser_login
 
 
 @pytest.mark.browser
@@ -47,6 +49,21 @@ def test_without_redis_the_dashboard_lists_the_configured_queues() -> None:
     assert queues["host:gpu-09"] is queues["default"]  # any host queue, on the same server
     with pytest.raises(KeyError):
         queues["other"]
+
+
+@pytest.mark.redis
+def test_a_queue_that_is_not_berths_is_left_off_the_dashboard() -> None:
+    """A queue another tool (or test) made in the same Redis would be looked up by name on
+    the dashboard, and an unknown name is a KeyError: the page answered 500."""
+    stray = Queue("not-berths", connection=Redis.from_url(TEST_REDIS_URL))
+    stray.enqueue(verify_chain, job_id="stray-job")
+    try:
+        queues = QueueSettings(default={"URL": TEST_REDIS_URL, "DEFAULT_TIMEOUT": 60})
+        names = [name for name, _ in queues.items()]
+        assert "not-berths" not in names
+        assert all(queues[name] is queues["default"] for name in names)
+    finally:
+        stray.delete(delete_jobs=True)
 
 
 def test_only_django_rqs_own_fixed_snippets_are_allowed_on_its_pages() -> None:
