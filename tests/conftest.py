@@ -8,12 +8,14 @@ on SQLite they are deselected and the summary says how many, so CI runs the suit
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,14 @@ settings.BERTH_INSTANCE = TEST_INSTANCE
 # ...and publish engines on a port range of their own.
 settings.BERTH_ENGINE_PORT_MIN = 20000 + uuid.uuid4().int % 120 * 100  # below ephemeral ports
 settings.BERTH_ENGINE_PORT_MAX = settings.BERTH_ENGINE_PORT_MIN + 99
+
+
+def run_coroutine[T](coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on a fresh thread. The session's Playwright browser keeps its event loop
+    running on the main thread of an xdist worker once a browser test has run there, and
+    ``asyncio.run`` refuses to start inside a running loop."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def service_missing(reason: str) -> None:

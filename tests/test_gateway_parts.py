@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from gateway.routing import AFFINITY_SLACK, Balancer, affinity_text
 from gateway.sse import StreamUsage
 from gateway.usage import GROUP, Consumer, UsageRecord, apply, prune, stream_name
 from gpus.models import Host
-from tests.conftest import TEST_INSTANCE, TEST_REDIS_URL
+from tests.conftest import TEST_INSTANCE, TEST_REDIS_URL, run_coroutine
 from tests.gateway_process import serve, walk
 
 
@@ -123,10 +122,7 @@ def _limiter_run(coroutine_factory):  # type: ignore[no-untyped-def]
         finally:
             await client.aclose()
 
-    # A fresh thread: a browser test earlier on this xdist worker may have left Playwright's
-    # event loop set as the running loop of the main thread.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, run()).result()
+    return run_coroutine(run())
 
 
 @pytest.mark.redis
@@ -281,7 +277,7 @@ def test_the_queue_takes_turns_between_keys_and_is_bounded() -> None:
         assert queue.size == 2
         return order
 
-    assert asyncio.run(go()) == ["busy", "polite", "other", "busy"]
+    assert run_coroutine(go()) == ["busy", "polite", "other", "busy"]
 
 
 def test_a_model_is_saturated_only_when_every_ready_replica_has_a_queue() -> None:
