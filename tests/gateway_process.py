@@ -96,8 +96,9 @@ class GatewayProcess:
             except OSError:
                 pass
             time.sleep(0.1)
+        output = self.output()
         self.stop()
-        raise RuntimeError(f"the gateway did not start: {self.output()}")
+        raise RuntimeError(f"the gateway did not start: {output}")
 
     def output(self) -> str:
         self.log.flush()

@@ -126,18 +126,58 @@ def _limiter_run(coroutine_factory):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.redis
-def test_rpm_counts_requests_per_calendar_minute() -> None:
+def test_rpm_counts_requests_in_the_last_sixty_seconds() -> None:
     key = _key(rpm=2)
     now = 1_800_000_000.0 + 30  # 30 s into a minute
 
     async def go(limiter: limits.Limiter):  # type: ignore[no-untyped-def]
         return [await limiter.reserve(key, 10, now) for _ in range(3)] + [
-            await limiter.reserve(key, 10, now + 31)
+            await limiter.reserve(key, 10, now + 31),  # a new calendar minute, same window
+            await limiter.reserve(key, 10, now + 61),
         ]
 
     results = _limiter_run(go)
-    assert [r is not None for r, _ in results] == [True, True, False, True]
-    assert results[2][1] == limits.Refusal(limits.RPM, 30)
+    assert [r is not None for r, _ in results] == [True, True, False, False, True]
+    assert results[2][1] == limits.Refusal(limits.RPM, 61)
+    assert results[3][1] == limits.Refusal(limits.RPM, 30)
+
+
+@pytest.mark.redis
+def test_a_burst_straddling_a_minute_boundary_gets_no_more_than_the_rpm() -> None:
+    """Calendar windows let ``rpm`` through at 12:00:59.9 and ``rpm`` more at 12:01:00.1."""
+    key = _key(rpm=5)
+    boundary = 1_800_000_000.0 - 1_800_000_000.0 % 60 + 60
+
+    async def go(limiter: limits.Limiter):  # type: ignore[no-untyped-def]
+        before = [await limiter.reserve(key, 1, boundary - 0.1) for _ in range(5)]
+        after = [await limiter.reserve(key, 1, boundary + 0.1 + i * 10) for i in range(6)]
+        return before, after
+
+    before, after = _limiter_run(go)
+    assert all(reservation is not None for reservation, _ in before)
+    assert [reservation is not None for reservation, _ in after] == [False] * 6
+    assert after[0][1].code == limits.RPM
+    # The first five leave the window 60 s after they came (within the second they came in).
+    assert 59 <= after[0][1].retry_after_s <= 61
+
+
+@pytest.mark.redis
+def test_tpm_is_a_sliding_window_too() -> None:
+    key = _key(tpm=100)
+    boundary = 1_800_000_000.0 - 1_800_000_000.0 % 60 + 60
+
+    async def go(limiter: limits.Limiter):  # type: ignore[no-untyped-def]
+        first, _ = await limiter.reserve(key, 90, boundary - 0.5)
+        straddling = await limiter.reserve(key, 90, boundary + 0.5)
+        await limiter.settle(first, 10)  # the engine used far less: the window has room again
+        after_settling = await limiter.reserve(key, 90, boundary + 1)
+        later = await limiter.reserve(key, 90, boundary + 62)
+        return straddling, after_settling, later
+
+    straddling, after_settling, later = _limiter_run(go)
+    assert straddling[1].code == limits.TPM
+    assert after_settling[0] is not None
+    assert later[0] is not None
 
 
 @pytest.mark.redis
