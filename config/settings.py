@@ -413,3 +413,17 @@ BERTH_GATEWAY_USAGE_RETENTION_D = env_int(
 BERTH_GATEWAY_URL = env_str(
     "BERTH_GATEWAY_URL", f"http://{BERTH_GATEWAY_BIND}:{BERTH_GATEWAY_PORT}"
 )
+
+# The real CPU engine image (manage.py build_engine_image vllm-cpu, docker/vllm-cpu/): where its
+# packages come from. Empty pip URLs mean pip's own configuration (pip.conf, PIP_INDEX_URL);
+# elsewhere than here the torch ...+cpu pin needs PyTorch's CPU index as the torch URL.
+BERTH_ENGINE_DEBIAN_MIRROR = env_str("BERTH_ENGINE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+BERTH_ENGINE_PIP_INDEX_URL = env_str("BERTH_ENGINE_PIP_INDEX_URL", "")
+BERTH_ENGINE_TORCH_INDEX_URL = env_str("BERTH_ENGINE_TORCH_INDEX_URL", "")
+BERTH_ENGINE_WHEELHOUSE = env_str("BERTH_ENGINE_WHEELHOUSE", str(VAR_DIR / "engine-wheels"))
+# The share of a host's memory (as its agent reports it) that CPU deployments may reserve in
+# all; the rest stays for the system, Berth's agent and the page cache.
+BERTH_CPU_MEMORY_FRACTION = env_float("BERTH_CPU_MEMORY_FRACTION", 0.8, minimum=0.1, maximum=0.95)
+# Which engine manage.py berth_demo uses: auto = the real CPU vLLM when its image is here or can
+# be built (docker/vllm-cpu/), else the stand-in; vllm = the real one or fail; stand-in.
+BERTH_DEMO_ENGINE = env_choice("BERTH_DEMO_ENGINE", ("auto", "vllm", "stand-in"), "auto")

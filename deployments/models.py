@@ -24,6 +24,7 @@ from accounts.models import Team, slug_validator
 from audit.actions import Action, Outcome
 from core import naming
 from deployments.changes import publish
+from deployments.planning.cpu import CpuPlan
 from deployments.planning.stored import StoredPlan
 from deployments.states import ACTIVE, State, check_transition
 
@@ -137,6 +138,9 @@ class Deployment(models.Model):
     engine_args = models.JSONField(default=dict, blank=True)
     environment = models.JSONField(default=dict, blank=True)
     plan = models.JSONField(default=dict, blank=True)
+    # Host memory a CPU deployment holds while active (its container's memory limit, from the
+    # CPU plan); 0 for GPU deployments and the stand-in.
+    host_memory_bytes = models.PositiveBigIntegerField(default=0)
     host_port = models.PositiveIntegerField(null=True, blank=True)
     state = models.CharField(
         max_length=12, choices=State.choices, default=State.PENDING, db_index=True
@@ -197,6 +201,11 @@ class Deployment(models.Model):
         """The plan this deployment was requested with (None for a CPU engine: nothing to
         plan)."""
         return StoredPlan.from_json(self.plan)
+
+    @property
+    def cpu_plan(self) -> CpuPlan | None:
+        """The CPU plan a real CPU engine was requested with (host memory, KV space)."""
+        return CpuPlan.from_json(self.plan)
 
     @property
     def container_name(self) -> str:

@@ -24,8 +24,9 @@ from core.contention import Contended, retrying
 from deployments import planning, sizing
 from deployments.changes import publish
 from deployments.models import Deployment, EngineImage
+from deployments.planning.cpu import CpuPlan, CpuPlanRequest, plan_cpu
 from deployments.planning.stored import StoredPlan
-from deployments.runtime import host_checks
+from deployments.runtime import host_checks, host_memory
 from deployments.runtime.allocation import team_gpus_in_use
 from deployments.runtime.engine_args import (
     EngineArgs,
@@ -77,6 +78,28 @@ def plan_for(
         raise ValidationError({"model": f"cannot plan this model: {exc}"}) from None
 
 
+def cpu_plan_for(
+    model: Any, host: Any, args: EngineArgs, *, exclude_pk: int | None = None
+) -> CpuPlan:
+    """The CPU plan of ``model`` on ``host``'s memory, after the other CPU deployments' share."""
+    summary = (
+        planning.WeightsSummary(model.parameter_count, model.weights_bytes, dict(model.dtypes))
+        if model.parameter_count and model.weights_bytes
+        else None
+    )
+    request = CpuPlanRequest(
+        host_memory_bytes=host.memory_total_bytes,
+        free_bytes=host_memory.free_bytes(host, exclude_pk=exclude_pk),
+        max_model_len=args.max_model_len,
+        kv_cache_dtype=args.kv_cache_dtype or "auto",
+        dtype=args.dtype or "auto",
+    )
+    try:
+        return plan_cpu(model.config, request, summary, task=model.task)
+    except planning.PlannerError as exc:
+        raise ValidationError({"model": f"cannot plan this model: {exc}"}) from None
+
+
 def request_deployment(user: Any, data: DeployRequest) -> Deployment:
     """Validate, plan, record and enqueue a launch; raises ValidationError/PermissionDenied."""
     try:
@@ -91,6 +114,7 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
         deployment.pk, deployment.state = None, initial_state
         deployment._state.adding = True
         with audit.chain_transaction():
+            host_memory.check_and_hold(deployment)
             deployment.save()
             audit.record(
                 Action.DEPLOYMENT_LAUNCH_REQUESTED,
@@ -122,6 +146,9 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
         )
         record_denied(user, exc, team=data.team, name=data.name)
         raise exc from None
+    except host_memory.HostMemoryFull as exc:
+        record_denied(user, exc, team=data.team, name=data.name)
+        raise
     return deployment
 
 
@@ -191,6 +218,7 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
         engine_args={k: v for k, v in data.engine_args.items() if v not in (None, "")},
         environment=environment,
         plan=plan_json,
+        host_memory_bytes=plan_json.get("memory_limit_bytes", 0) if gpu_count == 0 else 0,
         requested_by=user if getattr(user, "pk", None) else None,  # None: an API key
         **timers,
     )
@@ -204,7 +232,12 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
             raise ValidationError(
                 {"gpu_count": "this image needs GPUs; choose at least 1 or a CPU-capable image"}
             )
-        return 0, {}, {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}
+        if data.image.is_stand_in:  # it loads nothing: no memory to plan or hold
+            return 0, {}, {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}
+        result = cpu_plan_for(data.model, data.host, args)
+        if not result.fits:
+            raise ValidationError({"gpu_count": f"the CPU plan does not fit: {result.reasons[0]}"})
+        return 0, result.to_json(), {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}
     if not data.image.gpu_capable:
         raise ValidationError({"gpu_count": "this image runs without GPUs only: set GPUs to 0"})
     present = sum(1 for gpu in data.host.gpus.all() if gpu.present)
@@ -333,6 +366,7 @@ def request_restart(user: Any, deployment: Deployment) -> None:
             {"state": "only a failed or stopped deployment can be restarted; stop it first"}
         )
     with audit.chain_transaction():
+        host_memory.check_and_hold(deployment)  # stopped, it held none: take it again
         updated = Deployment.objects.filter(
             pk=deployment.pk,
             generation=deployment.generation,
@@ -372,6 +406,6 @@ def _summary(deployment: Deployment, data: DeployRequest) -> dict[str, Any]:
         "tensor_parallel_size": deployment.tensor_parallel_size,
         "engine_args": deployment.engine_args,
         "environment": sorted(deployment.environment),
-        "plan_fits": deployment.stored_plan.fits if deployment.stored_plan else None,
+        "plan_fits": getattr(deployment.stored_plan or deployment.cpu_plan, "fits", None),
         "override_reason": data.override_reason[:500],
     }

@@ -25,6 +25,7 @@ from django.utils import timezone
 import audit
 from audit.actions import Action, Outcome
 from gpus.attribution import memory_split
+from gpus.host_resources import HostResources, read_host_resources
 from gpus.models import Gpu, GpuSnapshot, Host, HostStatus, Resolution
 from gpus.readings import Collection, GpuReading, Inventory
 from gpus.selection import GpuState, HostGpus, Policy
@@ -51,9 +52,19 @@ CURRENT_FIELDS = [
 ]
 
 
-def heartbeat(host: Host, now: datetime | None = None) -> None:
-    """Record that the host's agent is alive (one UPDATE, no read)."""
-    Host.objects.filter(pk=host.pk).update(last_heartbeat=now or timezone.now())
+def heartbeat(
+    host: Host, now: datetime | None = None, resources: HostResources | None = None
+) -> None:
+    """Record that the host's agent is alive, with the memory and cores of the machine it runs
+    on (read from ``/proc`` unless given; CPU deployments are planned against them): one
+    UPDATE, no database read."""
+    resources = resources or read_host_resources()
+    Host.objects.filter(pk=host.pk).update(
+        last_heartbeat=now or timezone.now(),
+        memory_total_bytes=resources.memory_total_bytes,
+        memory_available_bytes=resources.memory_available_bytes,
+        cpu_count=resources.cpu_count,
+    )
 
 
 def store_collection(

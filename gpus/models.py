@@ -55,6 +55,11 @@ class Host(models.Model):
     inventory_source = models.CharField(max_length=32, blank=True)
     inventory_errors = models.JSONField(default=list, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # The host's memory and cores as its agent last read them (CPU deployments are planned and
+    # reserved against these); None until an agent has reported.
+    memory_total_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    memory_available_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    cpu_count = models.PositiveIntegerField(null=True, blank=True)
     last_collected = models.DateTimeField(null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
 

@@ -19,6 +19,7 @@ from django.db.models import Q
 from accounts.access import TeamOwnedQuerySet
 from accounts.models import Team, slug_validator
 from models_registry import paths
+from models_registry.tasks import model_task
 
 _CANONICAL_SHAPE = (
     Q(path__startswith="/")
@@ -242,6 +243,11 @@ class Model(models.Model):
     def deployable(self) -> bool:
         """A model with any error finding (or missing on disk) cannot be deployed."""
         return self.status in (ModelStatus.OK, ModelStatus.WARNINGS)
+
+    @property
+    def task(self) -> str:
+        """``generate`` or ``embed`` (``models_registry.tasks``), from the inspected files."""
+        return model_task(self.architecture, (entry.get("name", "") for entry in self.files))
 
     def translation(self) -> paths.Translation:
         return paths.translate(self.path, self.mount.as_mount())

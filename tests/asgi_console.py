@@ -98,6 +98,7 @@ def demo_console(settings: Any, tmp_path: Path, engine_image: str) -> Host:
     settings.VAR_DIR = tmp_path / "var"
     # The console runs in another process with Django's default hashers (tests use MD5).
     settings.PASSWORD_HASHERS = global_settings.PASSWORD_HASHERS
+    settings.BERTH_DEMO_ENGINE = "stand-in"  # the walkthrough by hand, on the fast engine
     call_command("berth_demo", password=PASSWORD, stdout=io.StringIO())
     return Host.objects.get()
 

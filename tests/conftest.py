@@ -142,7 +142,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    checks = {"redis": _redis_problem, "docker": _docker_problem, "browser": _browser_problem}
+    checks = {
+        "redis": _redis_problem,
+        "docker": _docker_problem,
+        "vllm": _docker_problem,
+        "browser": _browser_problem,
+    }
     for marker, problem in checks.items():
         if item.get_closest_marker(marker) is not None and (reason := problem()) is not None:
             service_missing(reason)
@@ -426,6 +431,7 @@ def browser_login(page: Any, username: str, password: str = PASSWORD) -> None:
 
 from tests.asgi_console import asgi_url, console_url, demo_console  # noqa: E402, F401
 from tests.engine_image import engine_image  # noqa: E402, F401  (the stand-in vLLM image)
+from tests.vllm_engine import vllm_image  # noqa: E402, F401  (the real CPU vLLM image)
 
 
 @pytest.fixture

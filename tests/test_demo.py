@@ -33,8 +33,10 @@ def run_demo(**options: Any) -> str:
 
 @pytest.fixture
 def var_dir(settings: Any, tmp_path: Path) -> Path:
-    """A fresh ``var/`` for the demo's model directory."""
+    """A fresh ``var/`` for the demo's model directory; the stand-in engine (the real one has
+    tests of its own, marked vllm)."""
     settings.VAR_DIR = tmp_path / "var"
+    settings.BERTH_DEMO_ENGINE = "stand-in"
     return settings.VAR_DIR
 
 
@@ -126,6 +128,7 @@ def test_make_run_with_the_demo_flag_serves_a_console_ready_for_the_journey(
         BERTH_PORT=str(_free_port()),
         REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0",
         BERTH_DEMO="1",
+        BERTH_DEMO_ENGINE="stand-in",
         BERTH_LOCAL_HOST_NAME="demo-laptop",
         BERTH_INSTANCE=TEST_INSTANCE,
         PYTHONUNBUFFERED="1",

@@ -37,8 +37,8 @@ def engine_captures() -> list[dict]:
     cases = []
     for captures in sorted(ENGINE_LOGS.glob("*/captures.json")):
         for name, capture in sorted(json.loads(captures.read_text()).items()):
-            if not capture.get("log_file"):
-                continue
+            if not capture.get("log_file") or capture.get("after_ready", "").startswith("stalled"):
+                continue  # a start stopped by the stall timer: the timer is the diagnosis
             case_id = f"engine-{captures.parent.name}-{name}"
             code = capture.get("code")
             cases.append(
@@ -49,6 +49,7 @@ def engine_captures() -> list[dict]:
                     "source": f"tests/fixtures/engine-logs/{captures.parent.name}",
                     "exit_code": capture.get("exit_code"),
                     "oom_killed": bool(capture.get("oom_killed")),
+                    "memory_limited": "--memory " in capture.get("command", ""),
                     "split": "held-out" if held_out_by_hash(case_id) else "tuning",
                     "added_after_split": True,
                 }
@@ -67,7 +68,11 @@ SPECIAL_CODES = {"none", "host-oom-killed", "unrecognized-error"}
 
 def top1(case: dict) -> str:
     log = Path(case.get("log") or CORPUS / f"{case['id']}.log").read_text()
-    return diagnose(log, exit_code=case["exit_code"], oom_killed=case["oom_killed"])[0].code
+    limited = case.get("memory_limited", False)
+    findings = diagnose(
+        log, exit_code=case["exit_code"], oom_killed=case["oom_killed"], memory_limited=limited
+    )
+    return findings[0].code
 
 
 def table(part: str) -> dict[str, tuple[int, int]]:

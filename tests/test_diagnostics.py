@@ -60,6 +60,12 @@ SIGNATURES = {
     "broken-install": "ImportError: /usr/local/lib/python3.12/dist-packages/flash_attn_2_cuda.so: undefined symbol: _ZN3c105ErrorC2E",
     "engine-args-rejected": "vllm: error: unrecognized arguments: serve /models/x",
     "weights-incomplete": "FileNotFoundError: Weight files referenced in index but missing: {'/models/tiny/model-00002-of-00002.safetensors'}",
+    # vLLM 0.32's CPU engine (tests/fixtures/engine-logs/vllm-0.32-cpu/ has the whole logs).
+    "shm-too-small": "RuntimeError: Insufficient space in /dev/shm for shared-memory allocation: 160 MiB required, 64 MiB free. Increase /dev/shm (e.g. --shm-size or --ipc=host).",
+    "cpu-kv-space-too-large": "(Worker pid=51) ERROR 12-05 21:21:49 [multiproc_executor.py:1063] ValueError: Available memory on node 0 (1.38/3.0 GiB) on kv cache allocation is less than requested memory for kv (4.0 GiB). Decrease --kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE, or reduce max_num_seqs.",
+    "worker-signal": "!!!!!!! Segfault encountered !!!!!!!",
+    "container-memory-limit": "Memory cgroup out of memory: Killed process 4242 (python3) total-vm:8123456kB, anon-rss:1198000kB",
+    "engine-core-died": "(APIServer pid=7) WARNING 12-05 21:16:26 [core_client.py:817] [shutdown] MPClient: engine core exited unexpectedly; starting cleanup",
 }
 
 

@@ -166,6 +166,7 @@ def test_a_launch_requested_while_redis_was_down_is_enqueued_by_reconcile(
     host = host_with_gpus(count=1)
     image = vllm_image()
     image.cpu_capable = True
+    image.is_stand_in = True  # a real CPU engine would be planned from the model's config first
     image.save()
     working_url = settings.REDIS_URL
     settings.REDIS_URL = "redis://127.0.0.1:1/0"  # Redis is down

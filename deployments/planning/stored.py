@@ -103,7 +103,7 @@ class StoredPlan:
     def from_json(cls, data: Mapping[str, Any] | None) -> StoredPlan | None:
         """The plan stored by :meth:`to_json`; None for no plan (``{}``: a CPU engine).
         Raises StoredPlanError for another version or a missing key."""
-        if not data:
+        if not data or data.get("mode") == "cpu":  # planning.cpu.CpuPlan reads those
             return None
         if data.get("version") != STORED_PLAN_VERSION:
             raise StoredPlanError(f"stored plan version {data.get('version')!r} is not readable")

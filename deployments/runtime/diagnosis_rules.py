@@ -240,7 +240,7 @@ _GPU_AND_MEMORY = (
         r"line \d+: +\d+ Killed ",
         r"unable to mmap \d+ bytes from file .*Cannot allocate memory",
         r"killed by SIGKILL by OOM killer",
-        r"Out of memory: Killed process",
+        r"(?<!cgroup )Out of memory: Killed process",  # a cgroup's is container-memory-limit
     ),
 )
 
@@ -421,5 +421,55 @@ _ENVIRONMENT = (
     ),
 )
 
-RULES: tuple[Rule, ...] = _CONTAINER_HOST + _GPU_AND_MEMORY + _MODEL_FILES + _ENVIRONMENT
+# Signatures of vLLM's CPU engine (vLLM 0.32, docker/vllm-cpu/), each from a real log in
+# tests/fixtures/engine-logs/vllm-0.32-cpu/ (captures.json names the command that produced it).
+_CPU_ENGINE = (
+    _rule(
+        "shm-too-small",
+        "The container's /dev/shm is too small for the engine's shared memory",
+        "Give the container a larger /dev/shm: Berth's containers get --shm-size 8g; a "
+        "hand-written docker run needs --shm-size (Docker's default is 64 MiB) or --ipc=host.",
+        r"Insufficient space in /dev/shm for shared-memory allocation",
+    ),
+    _rule(
+        "cpu-kv-space-too-large",
+        "The CPU engine's KV cache space does not fit in the container's memory",
+        "Lower VLLM_CPU_KVCACHE_SPACE (or --max-model-len), or give the container more memory; "
+        "Berth's CPU plan sizes both from the host's memory.",
+        r"Available memory on node \d+ \([0-9.]+/[0-9.]+ GiB\) on kv cache allocation is less "
+        r"than requested memory for kv",
+    ),
+    _rule(
+        "container-memory-limit",
+        "The engine exceeded its container's memory limit (the kernel killed it)",
+        "Berth's CPU plan sets the limit to weights + KV space + the engine's own memory: a "
+        "shorter --max-model-len or a smaller VLLM_CPU_KVCACHE_SPACE lowers what it needs; a "
+        "hand-set docker --memory must leave room for the engine's processes (about 3 GiB).",
+        r"Memory cgroup out of memory: Killed process",
+    ),
+    _rule(
+        "worker-signal",
+        "An engine process crashed with a signal (segmentation fault or illegal instruction)",
+        "A crash in native code: check that the image was built for this CPU (an illegal "
+        "instruction means the build uses instructions this CPU lacks) and restart; report the "
+        "stack printed here if it repeats.",
+        r"!!!!!!! Segfault encountered !!!!!!!",
+        r"Fatal Python error: (?:Segmentation fault|Illegal instruction|Bus error)",
+        r"Illegal instruction \(core dumped\)",
+        supersedes=("engine-core-died",),
+    ),
+    _rule(
+        "engine-core-died",
+        "The engine's core process died (killed, not a Python error)",
+        "The process was killed from outside: the kernel's OOM killer (check the host's and the "
+        "container's memory), an operator, or a crash without a message. Restart the deployment; "
+        "if it repeats, read the host's kernel log (dmesg).",
+        r"engine core exited unexpectedly",
+        r"Engine core proc \S+ died unexpectedly",
+    ),
+)
+
+RULES: tuple[Rule, ...] = (
+    _CONTAINER_HOST + _GPU_AND_MEMORY + _MODEL_FILES + _ENVIRONMENT + _CPU_ENGINE
+)
 RULES_BY_CODE = {rule.code: rule for rule in RULES}

@@ -55,6 +55,13 @@ HOST_OOM = Finding(
     None,
     "exit code 137",
 )
+CONTAINER_OOM = Finding(
+    "container-memory-limit",
+    RULES_BY_CODE["container-memory-limit"].title,
+    RULES_BY_CODE["container-memory-limit"].remedy,
+    None,
+    "OOMKilled: the container reached its memory limit",
+)
 NONE = Finding("none", "No failure found in the log", "Nothing to fix.", None, "")
 # An exception line names its type first; one quoted inside a sentence (a warning that says
 # "errors like `OSError: ...`") is not one.
@@ -62,13 +69,22 @@ _EXCEPTION = re.compile(
     r"(?<![`'\"(])\b((?:[a-z_]\w*\.)*([A-Z]\w*(?:Error|Exception)|KeyboardInterrupt))\b: "
 )
 _PYDANTIC_VALUE_ERROR = re.compile(r"^\s*(?:\([\w-]+ pid=\d+\)\s*)*Value error, ")
+# A vLLM warning quotes an error it may lead to ("... fd limit errors like `OSError: [Errno 24]
+# Too many open files`" when the container's nofile limit cannot be raised); it reports none.
+_WARNING = re.compile(r"^\s*(?:\([\w-]+ pid=\d+\)\s*)?WARNING \d\d-\d\d ")
 _FRAME = re.compile(r'(?P<path>[^"\s]*\.py)", line \d+, in (?P<function>[\w<>]+)')
 
 
 def diagnose(
-    log: str | Iterable[str], *, exit_code: int | None = None, oom_killed: bool = False
+    log: str | Iterable[str],
+    *,
+    exit_code: int | None = None,
+    oom_killed: bool = False,
+    memory_limited: bool = False,
 ) -> list[Finding]:
-    """Findings for a log (and the container's exit), most likely root cause first."""
+    """Findings for a log (and the container's exit), most likely root cause first. With
+    ``memory_limited`` (the container had a memory limit) and Docker's ``OOMKilled`` the limit is
+    the cause, whatever the log says the dying engine did next."""
     lines = log.splitlines() if isinstance(log, str) else [line.rstrip("\n") for line in log]
     found: dict[str, tuple[Rank, Finding]] = {}
     first_exception: tuple[int, str] | None = None  # not matched by any rule
@@ -78,7 +94,12 @@ def diagnose(
         rule = _match(line, exception, frames)
         if rule is not None and rule.code not in found:
             found[rule.code] = (rule.rank, _finding(rule, number, line))
-        if first_exception is None and rule is None and exception is not None:
+        if (
+            first_exception is None
+            and rule is None
+            and exception is not None
+            and not (_WARNING.search(line))
+        ):
             first_exception = (number, line.strip()[:MAX_LINE])
         if (where := _FRAME.search(line)) is not None:
             frames.append(f"{where['path']} {where['function']}")
@@ -89,6 +110,8 @@ def diagnose(
         found.pop(code, None)
     findings = [f for _, f in sorted(found.values(), key=lambda i: (i[0], i[1].line_number))]
     roots = [finding for finding in findings if RULES_BY_CODE[finding.code].rank == Rank.ROOT]
+    if oom_killed and memory_limited:
+        return [CONTAINER_OOM, *(f for f in findings if f.code != CONTAINER_OOM.code)]
     if (exit_code == 137 or oom_killed) and not roots and first_exception is None:
         return [HOST_OOM, *findings]
     if not roots and first_exception is not None:

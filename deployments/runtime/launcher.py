@@ -30,6 +30,7 @@ from core import naming
 from deployments.changes import publish
 from deployments.models import Deployment, DeploymentEvent, EventKind
 from deployments.runtime import allocation, host_checks
+from deployments.runtime.diagnosis_rules import RULES_BY_CODE
 from deployments.runtime.diagnostics import Finding, diagnose
 from deployments.runtime.engine_args import SchemaError, parse_engine_args, parse_environment
 from deployments.runtime.engine_host import EngineHost
@@ -39,30 +40,19 @@ from deployments.runtime.launch_spec import (
     engine_version,
     load_strategy,
 )
+from deployments.runtime.milestones import milestone
 from deployments.runtime.placement import choose_gpus
 from deployments.runtime.prewarm import cancel as cancel_prewarm
 from deployments.runtime.prewarm import start as start_prewarm
 from deployments.states import State
 from models_registry.inspection import inspect_directory
+from models_registry.tasks import EMBED
 
 LOG_TAIL_LINES = 200
 PORT_ATTEMPTS = 5  # host ports tried when other programs hold them
 ENGINE_KEY_BYTES = 32
 RESTART_LOOP = 2  # Docker restarted the engine this often: it will not come up by itself
 HEALTH_TIMEOUT_S = 2.0
-MILESTONES = (
-    (
-        re.compile(r"Loading safetensors checkpoint shards:\s+(\d+)% Completed"),
-        "loading weights: {0}%",
-    ),
-    (re.compile(r"Loading weights took ([0-9.]+) seconds"), "weights loaded in {0} s"),
-    (re.compile(r"Model loading took ([0-9.]+) GiB"), "model uses {0} GiB per GPU"),
-    (re.compile(r"Available KV cache memory: ([0-9.]+) GiB"), "KV cache: {0} GiB"),
-    (re.compile(r"GPU KV cache size: ([0-9,]+) tokens"), "KV cache holds {0} tokens"),
-    (re.compile(r"Capturing CUDA graphs|Graph capturing finished"), "capturing CUDA graphs"),
-    (re.compile(r"torch\.compile takes ([0-9.]+) s in total"), "torch.compile took {0} s"),
-    (re.compile(r"Application startup complete"), "server started"),
-)
 
 
 class LaunchFailure(Exception):
@@ -159,7 +149,8 @@ def _start_on_a_free_port(
     ensure_engine_key(deployment)
     for _attempt in range(PORT_ATTEMPTS):
         try:
-            spec = build_spec(deployment, gpus, _port(deployment, taken))
+            labels = host_checks.image_labels(engine.client, image or deployment.image.reference)
+            spec = build_spec(deployment, gpus, _port(deployment, taken), labels)
         except SchemaError as exc:  # e.g. remote-code approval revoked since the request
             raise LaunchFailure(f"the deployment's settings are no longer allowed: {exc}") from None
         if image:  # pinned: create from the verified image id, not a name that could move
@@ -215,16 +206,22 @@ def gpu_device_ids(gpus: Sequence[Any]) -> tuple[str, ...]:
     return tuple(gpu.uuid or str(gpu.index) for gpu in gpus)
 
 
-def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> LaunchSpec:
-    """The launch spec from the deployment's validated fields and its plan."""
+def build_spec(
+    deployment: Deployment,
+    gpus: Sequence[Any],
+    port: int,
+    image_labels: dict[str, str] | None = None,
+) -> LaunchSpec:
+    """The launch spec from the deployment's validated fields, its plan and the labels of the
+    host's copy of the image (the engine version a built image states)."""
     where = deployment.model.translation()
     # Checked again here: an approval revoked after the request stops the launch.
     args = parse_engine_args(
         deployment.engine_args, trust_remote_code_allowed=deployment.model.remote_code_approved
     )
-    plan = deployment.stored_plan
+    plan = deployment.stored_plan or deployment.cpu_plan
     max_model_len = args.max_model_len or (plan.max_model_len if plan else None)
-    utilization = args.gpu_memory_utilization or (plan.gpu_memory_utilization if plan else None)
+    utilization = args.gpu_memory_utilization or getattr(plan, "gpu_memory_utilization", None)
     extra = _drop_values(args.as_argv(), ("--max-model-len", "--gpu-memory-utilization"))
     return LaunchSpec(
         deployment_id=deployment.pk,
@@ -242,8 +239,9 @@ def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> Launch
         gpu_memory_utilization=utilization,
         load_args=load_strategy(
             deployment.model.mount.kind,
-            engine_version(deployment.image.reference),
+            engine_version(deployment.image.reference, image_labels),
             deployment.tensor_parallel_size,
+            streamer=deployment.gpu_count > 0,  # CPU engines have no Run:ai streamer
         ).argv,
         engine_args=tuple(extra),
         environment={**deployment.image.environment, **parse_environment(deployment.environment)},
@@ -252,7 +250,20 @@ def build_spec(deployment: Deployment, gpus: Sequence[Any], port: int) -> Launch
         engine_ready_timeout_s=deployment.engine_ready_timeout_s,
         instance=settings.BERTH_INSTANCE,
         engine_key=deployment.engine_key,
+        runner="pooling" if deployment.model.task == EMBED else None,
+        **_cpu_limits(deployment),
     )
+
+
+def _cpu_limits(deployment: Deployment) -> dict[str, int]:
+    """A CPU plan's memory limit and KV space (``deployments.planning.cpu``); none otherwise."""
+    plan = deployment.cpu_plan
+    if deployment.gpu_count or plan is None:
+        return {}
+    return {
+        "memory_limit_bytes": plan.memory_limit_bytes,
+        "cpu_kv_cache_space_gib": plan.kv_cache_space_gib,
+    }
 
 
 def _drop_values(argv: list[str], flags: Sequence[str]) -> list[str]:
@@ -390,13 +401,7 @@ def _docker_time(stamp: str) -> float | None:
 
 
 def _record_progress(deployment: Deployment, lines: list[str]) -> None:
-    milestones = []
-    for line in lines:
-        for pattern, template in MILESTONES:
-            match = pattern.search(line)
-            if match:
-                milestones.append(template.format(*match.groups()))
-                break
+    milestones = [message for line in lines if (message := milestone(line)) is not None]
     if not milestones:
         return
     now = timezone.now()
@@ -418,7 +423,10 @@ def _record_progress(deployment: Deployment, lines: list[str]) -> None:
 def _engine_died(deployment: Deployment, container: Any, state: dict, restarts: int) -> None:
     exit_code = state.get("ExitCode")
     findings = diagnose(
-        deployment.log_tail, exit_code=exit_code, oom_killed=bool(state.get("OOMKilled"))
+        deployment.log_tail,
+        exit_code=exit_code,
+        oom_killed=bool(state.get("OOMKilled")),
+        memory_limited=bool(container.attrs.get("HostConfig", {}).get("Memory")),
     )
     findings = [f for f in findings if f.code != "none"]
     what = (
@@ -458,12 +466,22 @@ def _check_health(engine: EngineHost, deployment: Deployment) -> bool:
 
 def _stalled(engine: EngineHost, deployment: Deployment, seconds: float) -> None:
     findings = [f for f in diagnose(deployment.log_tail) if f.code != "none"]
+    if not findings:  # a silent engine says nothing: the timer is the diagnosis
+        findings = [stalled_finding(deployment)]
     engine.remove_container(deployment.container_name)
     message = (
         f"no loading progress for {seconds:.0f} s (stall timeout {deployment.stall_timeout_s} s); "
         "the last log lines are on this page"
     )
     fail(deployment, message, [f.as_json() for f in findings], release=True)
+
+
+def stalled_finding(deployment: Deployment) -> Finding:
+    """``engine-ready-timeout``, on the last milestone the engine reached."""
+    rule = RULES_BY_CODE["engine-ready-timeout"]
+    last = deployment.events.filter(kind=EventKind.PROGRESS, generation=deployment.generation)
+    reached = last.order_by("-time", "-pk").values_list("message", flat=True).first()
+    return Finding(rule.code, rule.title, rule.remedy, None, f"last progress: {reached or 'none'}")
 
 
 def probe(address: str, port: int | None) -> Health:

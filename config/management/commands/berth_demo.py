@@ -1,11 +1,17 @@
 """``manage.py berth_demo``: make this console ready for a first deployment (opt-in, idempotent).
 
 For evaluating Berth on a laptop with Docker and no GPU (``make run BERTH_DEMO=1`` runs it
-after migrating). It registers this machine as a host with its local Docker engine, builds the
-**stand-in engine** (``docker/test-engine/``: answers like vLLM, runs no model, is NOT vLLM) and
-allow-lists it as a CPU image, creates a demo storage mount under ``var/demo/models`` holding a
-tiny but real model directory (Llama config, tokenizer, safetensors headers), and a demo team
-with one member. Running it again changes nothing that is already there; every change is audited.
+after migrating). It registers this machine as a host with its local Docker engine, creates a
+demo storage mount under ``var/demo/models`` holding a tiny servable model (random weights, a
+BPE tokenizer, a chat template), a demo team with one member, and allow-lists an engine:
+
+* the real one (``config.demo_engine``: vLLM for CPUs, the image ``build_engine_image
+  vllm-cpu`` makes) when its image is here or can be built; the demo then also registers the
+  model and deploys it, and ``make run`` sends it a first chat completion;
+* else, or with ``BERTH_DEMO_ENGINE=stand-in``, the **stand-in engine** (``docker/test-engine/``:
+  answers like vLLM, runs no model, is NOT vLLM), for the walkthrough by hand.
+
+Running it again changes nothing that is already there; every change is audited.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import audit
 from accounts.models import Role, Team, User
 from accounts.services import GENERATED_PASSWORD_BYTES, add_member, create_team, create_user
 from audit.actions import Action
+from config.demo_engine import choose_engine, deploy_demo_model
 from deployments.models import EngineImage
 from deployments.runtime.stand_in import (
     StandInUnavailable,
@@ -34,7 +41,7 @@ from gpus.collectors import docker_client
 from gpus.hosts import local_host_name, register_host
 from gpus.models import Host
 from models_registry.models import StorageMount
-from models_registry.tiny_model import write_model
+from models_registry.tiny_model import write_servable_model
 
 TEAM_SLUG = "demo"
 MEMBER = "demo"
@@ -62,7 +69,10 @@ class DemoReport:
 
 
 class Command(BaseCommand):
-    help = "Prepare a demo: local host, stand-in engine (not vLLM), demo model, team and member."
+    help = (
+        "Prepare a demo: local host, the real CPU engine (or the stand-in), demo model, team and "
+        "member; on the real engine it also deploys the model."
+    )
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
@@ -74,15 +84,34 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, password: str | None, **options: Any) -> None:
         report = DemoReport()
-        image = ensure_stand_in_image(report)
+        engine = choose_engine(report.lines.append)
+        image = ensure_stand_in_image(report, required=engine == "stand-in")
         host = ensure_local_host(report)
         team = ensure_team(report)
-        ensure_member(report, team, password)
+        member = ensure_member(report, team, password)
         ensure_model_directory(report, ensure_mount(report))
+        page = ""
+        if engine == "vllm":
+            line, page = deploy_demo_model(member, team, host, report.model_path)
+            report.lines.append(line)
         for line in report.lines:
             self.stdout.write(f"  {line}")
         self.stdout.write(self.style.SUCCESS("The demo is ready."))
-        self._next_steps(report, host, image)
+        if engine == "vllm":
+            self._real_engine_steps(report, page)
+        else:
+            self._next_steps(report, host, image)
+
+    def _real_engine_steps(self, report: DemoReport, page: str) -> None:
+        url = f"http://{settings.BERTH_BIND}:{settings.BERTH_PORT}"
+        login = f"{MEMBER} / {report.password}" if report.password else MEMBER
+        self.stdout.write(
+            f"The demo model is deploying on the real engine (vLLM for CPUs). At {url}{page} "
+            f"(make run), signed in as {login}, its page goes queued → launching → loading → "
+            "ready with the engine's own milestones; make run then sends it a first chat "
+            "completion. Its weights are random, so its text is random too.\n"
+            "For the stand-in engine instead (fast, NOT vLLM): BERTH_DEMO_ENGINE=stand-in."
+        )
 
     def _next_steps(self, report: DemoReport, host: Host, image: EngineImage) -> None:
         url = f"http://{settings.BERTH_BIND}:{settings.BERTH_PORT}/"
@@ -104,8 +133,9 @@ class Command(BaseCommand):
             )
 
 
-def ensure_stand_in_image(report: DemoReport) -> EngineImage:
-    """Build the stand-in image on the local engine when missing and allow-list it (CPU)."""
+def ensure_stand_in_image(report: DemoReport, *, required: bool = True) -> EngineImage | None:
+    """Build the stand-in image on the local engine when missing and allow-list it (CPU). Not
+    ``required`` (the demo runs the real engine), a machine without busybox skips it."""
     try:
         client = docker_client()
         client.ping()
@@ -114,6 +144,9 @@ def ensure_stand_in_image(report: DemoReport) -> EngineImage:
     try:
         tag = build_engine_image(client)
     except StandInUnavailable as exc:
+        if not required:
+            report.lines.append(f"stand-in engine: skipped ({exc})")
+            return None
         raise CommandError(f"cannot build the stand-in engine image: {exc}") from None
     finally:
         client.close()
@@ -226,6 +259,9 @@ def ensure_model_directory(report: DemoReport, mount: StorageMount) -> Path:
     if (directory / "config.json").is_file():
         report.lines.append(f"model directory {directory}: already there")
     else:
-        write_model(directory)
-        report.lines.append(f"model directory {directory}: written (tiny Llama, real files)")
+        write_servable_model(directory)
+        report.lines.append(
+            f"model directory {directory}: written (tiny Llama: random weights, a BPE tokenizer, "
+            "a chat template)"
+        )
     return directory

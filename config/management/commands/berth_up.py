@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
 
 from accounts.models import User
+from config import demo_engine
 from config.env import env_secret, env_str
 from config.management.commands.berth_demo import MEMBER as DEMO_MEMBER
 from config.processes import (
@@ -33,7 +36,7 @@ from config.processes import (
     wait_until,
 )
 from core.queues import DEFAULT_QUEUE
-from deployments.models import EngineImage
+from deployments.models import Deployment, EngineImage
 from gpus.hosts import local_host_name, register_host
 from gpus.models import Host
 
@@ -186,6 +189,8 @@ class Command(BaseCommand):
         )
         self.stdout.write("  Press Ctrl-C to stop.")
         self.stdout.flush()
+        if demo:
+            threading.Thread(target=self._announce_demo, name="demo-chat", daemon=True).start()
         wait_until(
             lambda: supervisor.first_exited() is not None or parent_make_is_stopping(),
             float("inf"),
@@ -193,6 +198,26 @@ class Command(BaseCommand):
         if supervisor.first_exited() is None:
             raise Stop  # make was told to stop but waits for this process to end
         supervisor.failed = supervisor.first_exited().name
+
+    def _announce_demo(self) -> None:
+        """When the demo deployed its model on the real engine: wait for it to be ready, then
+        send it a first chat completion and print the answer (random text: random weights)."""
+        try:
+            if not Deployment.objects.filter(name=demo_engine.DEPLOYMENT_NAME).exists():
+                return
+            deployment = demo_engine.wait_until_served()
+            if deployment is None:
+                self.stdout.write(
+                    f"  The demo deployment '{demo_engine.DEPLOYMENT_NAME}' did not become ready; "
+                    "its page says why."
+                )
+            else:
+                self.stdout.write(demo_engine.first_chat(deployment))
+            self.stdout.flush()
+        except Exception as exc:  # a demo nicety must never take the console down
+            self.stdout.write(f"  The demo's first chat completion failed: {exc}")
+        finally:
+            connection.close()
 
     def _local_gpu_host(self) -> str | None:
         """The host this machine's agent collects for: registered on the first run (no hosts
