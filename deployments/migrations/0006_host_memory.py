@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('deployments', '0005_one_stored_gpu_count'),
+        ("deployments", "0005_one_stored_gpu_count"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='deployment',
-            name='host_memory_bytes',
+            model_name="deployment",
+            name="host_memory_bytes",
             field=models.PositiveBigIntegerField(default=0),
         ),
     ]
