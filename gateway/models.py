@@ -53,3 +53,16 @@ class UsageMinute(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class AppliedEntry(models.Model):
+    """A usage stream entry already added to the minute rows, written in the same transaction:
+    an entry delivered again (its consumer died between committing and acknowledging it) is
+    recognised and acknowledged without being counted twice. Kept until no consumer can be
+    handed the entry again (``gateway.usage.prune_applied``)."""
+
+    entry_id = models.CharField(max_length=40, primary_key=True)  # Redis's "<ms>-<seq>"
+    logged_at = models.DateTimeField(db_index=True)  # the entry's time, from its id
+
+    def __str__(self) -> str:
+        return self.entry_id

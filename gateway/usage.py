@@ -4,9 +4,12 @@ A gateway appends an entry when a request ends (``XADD``, one round trip, after 
 its answer). Every gateway process also runs a consumer of the stream's group: it reads entries
 in batches, adds them to the per-minute rows (``UsageMinute``) in one transaction, and only then
 acknowledges them. An entry read by a consumer that died before acknowledging is claimed by
-another one after ``CLAIM_IDLE_MS``, so a crashed gateway loses no finished request's usage
-(delivery is at least once: a consumer dying between its commit and its acknowledgement counts
-that batch twice). Old rows are pruned by the periodic job in ``gateway.jobs``.
+another one after ``CLAIM_IDLE_MS``, so a crashed gateway loses no finished request's usage.
+Delivery is at least once, counting exactly once: the ids of the entries applied are written in
+the same transaction as the rows (``AppliedEntry``), so an entry handed out again — its
+consumer died between committing and acknowledging, or was only slow and lost it to a claim —
+is acknowledged without being added twice. Old rows and ids are pruned by the periodic job in
+``gateway.jobs``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from accounts.models import ApiKey, Team
 from core import naming
-from gateway.models import UsageMinute
+from gateway.models import AppliedEntry, UsageMinute
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ STREAM_MAXLEN = 1_000_000  # approximate cap: days of traffic even if every cons
 BATCH = 1000
 BLOCK_MS = 1000
 CLAIM_IDLE_MS = 60_000
+# Applied entry ids are kept this long, and longer while an older entry is still pending (read,
+# not acknowledged): only a pending entry can be handed out again.
+APPLIED_KEEP = timedelta(days=1)
+REMEMBER_CHUNK = 500  # rows per INSERT (2 parameters each; far under SQLite's 32766)
 COLUMNS = (
     "minute",
     "team_id",
@@ -169,6 +176,53 @@ def apply(records: list[UsageRecord]) -> int:
     return len(rows)
 
 
+def entry_time(entry_id: str) -> datetime:
+    """When Redis logged a stream entry (its id is ``<Unix ms>-<sequence>``)."""
+    return datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, tz=UTC)
+
+
+def apply_entries(entries: list[tuple[str, UsageRecord]]) -> int:
+    """Add the stream entries not applied before to the minute rows, and record them as
+    applied, in one transaction; returns the entries newly applied."""
+    table = AppliedEntry._meta.db_table
+    fresh: set[str] = set()
+    with transaction.atomic(), connection.cursor() as cursor:
+        for start in range(0, len(entries), REMEMBER_CHUNK):
+            chunk = entries[start : start + REMEMBER_CHUNK]
+            # The same SQL on SQLite (3.35+) and PostgreSQL. RETURNING names only the rows
+            # inserted: a concurrent consumer inserting the same id first (PostgreSQL makes
+            # this one wait for its commit) leaves it out here, so exactly one counts it.
+            cursor.execute(
+                f"INSERT INTO {table} (entry_id, logged_at) VALUES "  # noqa: S608 - constants
+                + ", ".join(["(%s, %s)"] * len(chunk))
+                + " ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id",
+                [
+                    value
+                    for entry_id, _ in chunk
+                    for value in (
+                        entry_id,
+                        connection.ops.adapt_datetimefield_value(entry_time(entry_id)),
+                    )
+                ],
+            )
+            fresh.update(row[0] for row in cursor.fetchall())
+        apply([record for entry_id, record in entries if entry_id in fresh])
+    return len(fresh)
+
+
+def prune_applied(redis: Redis, instance: str, now: datetime | None = None) -> int:
+    """Forget applied entry ids older than ``APPLIED_KEEP`` and than every pending entry."""
+    cutoff = (now or timezone.now()) - APPLIED_KEEP
+    try:
+        pending = redis.xpending(stream_name(instance), GROUP)
+    except ResponseError:  # no stream or group yet: nothing can be handed out again
+        pending = {"pending": 0}
+    if pending["pending"]:
+        cutoff = min(cutoff, entry_time(pending["min"].decode()))
+    deleted, _ = AppliedEntry.objects.filter(logged_at__lt=cutoff).delete()
+    return deleted
+
+
 def prune(now: datetime | None = None) -> int:
     """Remove minute rows older than ``BERTH_GATEWAY_USAGE_RETENTION_D``."""
     cutoff = (now or timezone.now()) - timedelta(days=settings.BERTH_GATEWAY_USAGE_RETENTION_D)
@@ -217,6 +271,14 @@ class Consumer:
 
     def step(self) -> int:
         """Claim what a dead consumer left, read new entries, apply, acknowledge."""
+        entries = self.take()
+        if entries:
+            self.commit(entries)
+            self.ack(entries)
+        return len(entries)
+
+    def take(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries a dead consumer left pending (idle past ``claim_idle_ms``), then new ones."""
         _, claimed, _ = self.redis.xautoclaim(
             self.stream, GROUP, self.name, self.claim_idle_ms, "0-0", count=BATCH
         )
@@ -226,11 +288,16 @@ class Consumer:
         )
         for _, items in read or []:
             entries.extend(items)
-        entries = [(entry_id, raw) for entry_id, raw in entries if raw]
-        if entries:
-            apply([UsageRecord.from_fields(raw) for _, raw in entries])
-            self.redis.xack(self.stream, GROUP, *[entry_id for entry_id, _ in entries])
-        return len(entries)
+        return [(entry_id, raw) for entry_id, raw in entries if raw]
+
+    def commit(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Add ``entries`` to the minute rows, those not applied before (one transaction)."""
+        apply_entries(
+            [(entry_id.decode(), UsageRecord.from_fields(raw)) for entry_id, raw in entries]
+        )
+
+    def ack(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        self.redis.xack(self.stream, GROUP, *[entry_id for entry_id, _ in entries])
 
 
 def drain(redis: Redis, instance: str, deadline_s: float = 10.0) -> int:

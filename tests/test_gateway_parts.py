@@ -17,11 +17,19 @@ from accounts.models import Team
 from deployments.states import State
 from gateway import cache, limits
 from gateway.cache import Backend, KeyEntry
-from gateway.models import UsageMinute
+from gateway.models import AppliedEntry, UsageMinute
 from gateway.queueing import EngineLoad, FairQueue, waiting_requests
 from gateway.routing import AFFINITY_SLACK, Balancer, affinity_text
 from gateway.sse import StreamUsage
-from gateway.usage import GROUP, Consumer, UsageRecord, apply, prune, stream_name
+from gateway.usage import (
+    GROUP,
+    Consumer,
+    UsageRecord,
+    apply,
+    prune,
+    prune_applied,
+    stream_name,
+)
 from gpus.models import Host
 from tests.conftest import TEST_INSTANCE, TEST_REDIS_URL, run_coroutine
 from tests.gateway_process import serve, walk
@@ -262,6 +270,58 @@ def test_entries_a_dead_consumer_read_but_never_acknowledged_are_claimed(
     assert survivor.step() == 1
     assert UsageMinute.objects.get().requests == 1
     assert redis_client.xpending(stream, GROUP)["pending"] == 0
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_committed_but_never_acknowledged_is_counted_once(
+    team_a: Team, redis_client: Redis
+) -> None:
+    stream = stream_name(TEST_INSTANCE)
+    redis_client.delete(stream)
+    redis_client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for _ in range(3):
+        redis_client.xadd(stream, _record(team_a, time.time()).fields())
+    # A gateway's consumer reads the batch and commits it, and its process dies before XACK:
+    # the entries stay pending under its name.
+    crashed = Consumer(redis_client, TEST_INSTANCE)
+    crashed.name = "crashed-gateway"
+    batch = crashed.take()
+    crashed.commit(batch)
+    assert UsageMinute.objects.get().requests == 3
+    assert redis_client.xpending(stream, GROUP)["pending"] == 3
+    # Another gateway's consumer claims them once idle: they are acknowledged, not re-counted.
+    survivor = Consumer(redis_client, TEST_INSTANCE)
+    survivor.claim_idle_ms = 0
+    assert survivor.step() == 3
+    assert redis_client.xpending(stream, GROUP)["pending"] == 0
+    assert UsageMinute.objects.get().requests == 3
+    # A consumer that was only slow (not dead) committing the same batch late changes nothing.
+    crashed.commit(batch)
+    row = UsageMinute.objects.get()
+    assert (row.requests, row.completion_tokens) == (3, 15)
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_applied_ids_are_forgotten_once_no_consumer_can_be_handed_them_again(
+    team_a: Team, redis_client: Redis
+) -> None:
+    stream = stream_name(TEST_INSTANCE)
+    redis_client.delete(stream)
+    redis_client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    two_days_ago_ms = int((time.time() - 2 * 86400) * 1000)
+    fields = _record(team_a, time.time()).fields()
+    old = [redis_client.xadd(stream, fields, id=f"{two_days_ago_ms}-{n}") for n in (0, 1)]
+    redis_client.xadd(stream, fields)
+    consumer = Consumer(redis_client, TEST_INSTANCE)
+    batch = consumer.take()
+    consumer.commit(batch)
+    consumer.ack([entry for entry in batch if entry[0] != old[0]])  # the oldest stays pending
+    assert prune_applied(redis_client, TEST_INSTANCE) == 0
+    consumer.ack(batch)
+    assert prune_applied(redis_client, TEST_INSTANCE) == 2
+    assert AppliedEntry.objects.count() == 1
 
 
 def test_engines_are_reached_at_their_hosts_address(settings) -> None:  # type: ignore[no-untyped-def]
