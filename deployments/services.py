@@ -79,7 +79,12 @@ def plan_for(
 
 
 def cpu_plan_for(
-    model: Any, host: Any, args: EngineArgs, *, exclude_pk: int | None = None
+    model: Any,
+    host: Any,
+    args: EngineArgs,
+    *,
+    environment: dict | None = None,
+    exclude_pk: int | None = None,
 ) -> CpuPlan:
     """The CPU plan of ``model`` on ``host``'s memory, after the other CPU deployments' share."""
     summary = (
@@ -93,6 +98,7 @@ def cpu_plan_for(
         max_model_len=args.max_model_len,
         kv_cache_dtype=args.kv_cache_dtype or "auto",
         dtype=args.dtype or "auto",
+        allow_long_context=(environment or {}).get(sizing.LONG_CONTEXT_SWITCH) == "1",
     )
     try:
         return plan_cpu(model.config, request, summary, task=model.task)
@@ -207,7 +213,7 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
     if errors:
         raise ValidationError(errors)
     data.gpu_count = sizing.gpu_count_for(data.host, data.image, data.gpu_count)
-    gpu_count, plan_json, timers = _gpus_and_plan(user, data, args)
+    gpu_count, plan_json, timers = _gpus_and_plan(user, data, args, environment)
     return Deployment(
         name=data.name,
         team=data.team,
@@ -224,7 +230,9 @@ def _validated(user: Any, data: DeployRequest) -> Deployment:
     )
 
 
-def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[int, dict, dict]:
+def _gpus_and_plan(
+    user: Any, data: DeployRequest, args: EngineArgs, environment: dict
+) -> tuple[int, dict, dict]:
     """The GPUs the deployment will hold (one tensor-parallel rank each; 0 for a CPU engine),
     its stored plan and the timers derived from it."""
     if data.gpu_count == 0:
@@ -234,7 +242,7 @@ def _gpus_and_plan(user: Any, data: DeployRequest, args: EngineArgs) -> tuple[in
             )
         if data.image.is_stand_in:  # it loads nothing: no memory to plan or hold
             return 0, {}, {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}
-        result = cpu_plan_for(data.model, data.host, args)
+        result = cpu_plan_for(data.model, data.host, args, environment=environment)
         if not result.fits:
             raise ValidationError({"gpu_count": f"the CPU plan does not fit: {result.reasons[0]}"})
         return 0, result.to_json(), {"stall_timeout_s": DEFAULT_STALL_TIMEOUT_S}

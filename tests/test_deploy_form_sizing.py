@@ -16,6 +16,8 @@ from django.test import Client
 from accounts.models import Team, User
 from deployments.models import Deployment, EngineImage
 from deployments.planning import DEFAULT_GPU_MEMORY_UTILIZATION
+from gpus.host_resources import read_host_resources
+from gpus.inventory import heartbeat
 from gpus.models import Host
 from tests.conftest import BASE_DIR
 from tests.deployment_builders import host_with_gpus, registered_model
@@ -32,10 +34,12 @@ def laptop(team_a: Team, tmp_path: Path) -> dict[str, Any]:
     model = registered_model(team_a, tmp_path, "tiny")
     model.config = json.loads((tmp_path / "team-a" / "tiny" / "config.json").read_text())
     model.save()
+    host = Host.objects.create(name="laptop")
+    heartbeat(host, resources=read_host_resources())  # its agent reports the machine's memory
     return {
         "team": team_a,
         "model": model,
-        "host": Host.objects.create(name="laptop"),
+        "host": host,
         "cpu": EngineImage.objects.create(
             name="stand-in", reference="berth/stand-in:1", gpu_capable=False, cpu_capable=True
         ),

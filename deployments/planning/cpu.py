@@ -53,6 +53,8 @@ class CpuPlanRequest:
     dtype: str = "auto"
     kv_cache_space_gib: int | None = None  # the user's own VLLM_CPU_KVCACHE_SPACE
     sequences: int = DEFAULT_CONCURRENT_SEQUENCES
+    # VLLM_ALLOW_LONG_MAX_MODEL_LEN=1: vLLM then accepts a context above the model's own.
+    allow_long_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def plan_cpu(
     derived, key = derived_max_model_len(config)
     max_model_len = request.max_model_len or derived
     reasons: list[str] = []
-    if max_model_len > derived:
+    if max_model_len > derived and not request.allow_long_context:
         reasons.append(f"--max-model-len {max_model_len} exceeds the model's {key} ({derived})")
     weights = model_weights(model, request.dtype, summary)
     element = kv_cache_dtype_bytes(request.kv_cache_dtype, weights.dtype_bytes)
