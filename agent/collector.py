@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from django.db import close_old_connections, connection
+from redis.exceptions import RedisError
 
 from agent.scheduler import PeriodicJobs
 from gpus.inventory import heartbeat
@@ -28,7 +31,12 @@ class CollectorLoop(threading.Thread):
     (``core.periodic``). A failing round is logged, never fatal."""
 
     def __init__(
-        self, host: Host, *, interval_s: float, sources: tuple[str, ...] = Source.ORDER
+        self,
+        host: Host,
+        *,
+        interval_s: float,
+        sources: tuple[str, ...] = Source.ORDER,
+        worker_heartbeat: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__(name=f"berth-collector-{host.name}", daemon=True)
         self.host = host
@@ -37,6 +45,7 @@ class CollectorLoop(threading.Thread):
         self.rounds = 0
         self._stopping = threading.Event()
         self.periodic = PeriodicJobs(host)
+        self.worker_heartbeat = worker_heartbeat
         self._last_problem = ""
 
     def stop(self) -> None:
@@ -65,6 +74,11 @@ class CollectorLoop(threading.Thread):
                     heartbeat(self.host)
                 except Exception:
                     log.exception("heartbeat failed on %s", self.host.name)
+                if self.worker_heartbeat is not None:
+                    try:
+                        self.worker_heartbeat()
+                    except RedisError:
+                        log.warning("worker heartbeat failed on %s: Redis", self.host.name)
                 self._stopping.wait(self.interval_s)
         finally:
             connection.close()

@@ -60,6 +60,10 @@ class Action(models.TextChoices):
     DEPLOYMENT_PREWARMED = "deployment.prewarmed", "Model files prewarmed into the page cache"
     DEPLOYMENT_PATH_CHANGED = "deployment.path_changed", "Model directory changed before launch"
     DEPLOYMENT_IMAGE_REFUSED = "deployment.image_refused", "Host image does not match its pin"
+    DEPLOYMENT_LAUNCH_REFUSED = (
+        "deployment.launch_refused",
+        "Launch refused: the request no longer passes the rules",
+    )
     ENGINE_IMAGE_SAVED = "image.saved", "Engine image allow-list changed"
     GC_RAN = "gc.ran", "Garbage collection ran"
     GC_REQUESTED = "gc.requested", "Garbage collection requested"

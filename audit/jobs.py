@@ -12,7 +12,8 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from audit.verification import latest_status, verify_and_record
+from audit import anchors
+from audit.verification import anchor_chain, latest_status, verify_and_record
 from core.periodic import Scope, system_job
 
 
@@ -39,3 +40,18 @@ def scheduled_verification(now: datetime | None = None) -> dict[str, Any] | None
     if since is not None and since < timedelta(seconds=_verify_interval_s() / 2):
         return None
     return verify_chain(scheduled=True)
+
+
+ANCHOR_EVERY_S = 3600.0
+
+
+def _anchor_interval_s() -> float:
+    return ANCHOR_EVERY_S if anchors.enabled() else 0.0
+
+
+@system_job(every=_anchor_interval_s, scope=Scope.CONSOLE, first_after_s=FIRST_RUN_AFTER_S)
+def scheduled_anchor() -> dict[str, Any] | None:
+    """An hourly signed anchor of the chain outside the database (``audit.anchors``), written by
+    the console's default worker — the one that holds the key; agents only book it."""
+    anchor = anchor_chain(reason="scheduled")
+    return None if anchor is None else {"last_seq": anchor.last_seq, "count": anchor.count}

@@ -92,6 +92,12 @@ def periodic_claim_key(job_name: str, instance: str, scope: str = "") -> str:
     return f"berth:{instance}:periodic:{job_name}" + (f":{scope}" if scope else "")
 
 
+def redis_epoch_key(instance: str, host: str) -> str:
+    """A key an agent keeps in Redis: when it is missing, Redis lost its data (a restart
+    without persistence, a flush) and the agent books every periodic job again."""
+    return f"berth:{instance}:agent-epoch:{host}"
+
+
 def deployment_channel_pattern(instance: str) -> str:
     """Every deployment's channel, for ``PSUBSCRIBE`` (the gateway reloads its routes on any)."""
     return deployment_channel(0, instance).rsplit(":", 1)[0] + ":*"

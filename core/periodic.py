@@ -78,3 +78,9 @@ def claim(name: str, interval_s: float, scope_key: str = "") -> bool:
     the first caller, False for every other one until the interval has passed."""
     key = naming.periodic_claim_key(name, settings.BERTH_INSTANCE, scope_key)
     return bool(redis_connection().set(key, "1", nx=True, ex=max(int(interval_s), 1)))
+
+
+def unclaim(name: str, scope_key: str = "") -> None:
+    """Give back this interval's claim (the run could not be enqueued), so the next tick of any
+    agent claims it again instead of the work being skipped for a whole interval."""
+    redis_connection().delete(naming.periodic_claim_key(name, settings.BERTH_INSTANCE, scope_key))

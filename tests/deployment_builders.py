@@ -41,7 +41,15 @@ def registered_model(team: Team, root: Path, name: str = "llama") -> Model:
             "container_path": "/models",
         },
     )
-    model = Model(team=team, mount=mount, path=f"/store/{team.slug}/{name}", status="ok")
+    # The tiny Llama's config, as inspection stores it: the launch job plans the model again
+    # (the rules of a new request, issue 15 finding 6).
+    model = Model(
+        team=team,
+        mount=mount,
+        path=f"/store/{team.slug}/{name}",
+        status="ok",
+        config=dict(LLAMA_CONFIG),
+    )
     model.save()
     return model
 

@@ -3,6 +3,7 @@ uvicorn, and a live status stream after sign-out or team removal."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import subprocess
@@ -12,18 +13,28 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.cookiejar import CookieJar
+from pathlib import Path
+from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from axes.helpers import get_client_ip_address
 from django.conf import settings
-from django.test import Client, RequestFactory
+from django.db import connections
+from django.test import AsyncClient, Client, RequestFactory
 
-from accounts.models import User
+from accounts.models import Membership, Team, User
 from audit.models import AuditEvent
 from config.management.commands.berth_up import web_command
 from core.middleware import client_ip_for
+from deployments.changes import publish
+from deployments.models import Deployment, EngineImage
+from deployments.states import State
+from deployments.web import stream
 from tests.conftest import BASE_DIR, PASSWORD, subprocess_env
+from tests.deployment_builders import host_with_gpus, registered_model
 
 # --- 7. X-Forwarded-For -------------------------------------------------------------------------
 
@@ -139,3 +150,88 @@ def test_finding_07_axes_uses_berths_own_client_address(alice: User, settings) -
         HTTP_X_FORWARDED_FOR="192.0.2.99",
     )
     assert other.status_code == 302
+
+
+# --- 8. a live status stream after sign-out or team removal ---
+
+
+def _in_own_loop(check: Any) -> None:
+    """Run an async check in a fresh event loop on its own thread, closing the database
+    connections its ORM calls opened there."""
+
+    async def closing() -> None:
+        try:
+            await check
+        finally:
+            await sync_to_async(connections.close_all)()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, closing()).result(timeout=60)
+
+
+async def _open_stream(user: User, deployment: Deployment) -> tuple[AsyncClient, Any]:
+    client = AsyncClient()
+    await sync_to_async(client.force_login)(user)
+    response = await client.get(f"/deployments/{deployment.public_id}/stream/")
+    chunks = response.streaming_content
+    assert (await anext(chunks)).startswith(b"event: status\n")
+    return client, chunks
+
+
+async def _the_stream_ends(chunks: Any) -> bytes:
+    """The next chunk (after the change that is published) and proof that nothing follows."""
+    last = await asyncio.wait_for(anext(chunks), timeout=20)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(chunks), timeout=20)
+    return last
+
+
+def _deployment(team: Team, tmp_path: Path) -> Deployment:
+    model = registered_model(team, tmp_path)
+    host = host_with_gpus(count=1)
+    image = EngineImage.objects.create(name="vllm", reference="vllm/vllm-openai:v0.11.0")
+    return Deployment.objects.create(
+        name="tiny", team=team, model=model, host=host, image=image, gpu_count=1
+    )
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("what", ["sign-out", "team-removal"])
+def test_finding_08_the_stream_ends_at_sign_out_and_at_team_removal(
+    alice: User, team_a: Team, tmp_path: Path, what: str
+) -> None:
+    deployment = _deployment(team_a, tmp_path)
+
+    async def check() -> None:
+        client, chunks = await _open_stream(alice, deployment)
+        if what == "sign-out":
+            await client.alogout()  # the session is gone from the store
+        else:
+            await Membership.objects.filter(user=alice, team=team_a).adelete()
+        await Deployment.objects.filter(pk=deployment.pk).aupdate(state=State.QUEUED)
+        await sync_to_async(publish)(deployment.pk)
+        last = await _the_stream_ends(chunks)
+        assert last.startswith(b"event: end\n"), last
+        assert b"Queued" not in last
+
+    _in_own_loop(check())
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_finding_08_a_stream_has_a_capped_lifetime(
+    alice: User, team_a: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The browser's EventSource reconnects (``retry:``), and the new request is checked again."""
+    monkeypatch.setattr(stream, "MAX_LIFETIME_S", 1.0)
+    deployment = _deployment(team_a, tmp_path)
+
+    async def check() -> None:
+        started = time.monotonic()
+        _client, chunks = await _open_stream(alice, deployment)
+        last = await _the_stream_ends(chunks)
+        assert last.startswith(b"retry: "), last
+        assert time.monotonic() - started < 10
+
+    _in_own_loop(check())

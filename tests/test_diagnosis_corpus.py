@@ -63,7 +63,7 @@ PARTS = ("tuning", "held-out")
 GOAL = 0.95  # top-1 share of failures per part (issue 18, item 10)
 MIN_HEALTHY = 20
 # Codes the classifier returns without a log rule.
-SPECIAL_CODES = {"none", "host-oom-killed", "unrecognized-error"}
+SPECIAL_CODES = {"none", "host-oom-killed", "killed-from-outside", "unrecognized-error"}
 
 
 def top1(case: dict) -> str:

@@ -109,13 +109,16 @@ def test_field_report_lesson_6_is_an_unwritable_cache_not_the_v1_engine() -> Non
     assert "VLLM_USE_V1=0 is not the fix" in findings[0].remedy
 
 
-def test_exit_137_without_a_traceback_is_a_host_oom_kill() -> None:
+def test_exit_137_without_a_traceback_is_a_host_oom_kill_only_with_the_oom_flag() -> None:
     log = (
         PREFIX
         + "Loading safetensors checkpoint shards:  43% Completed | 13/30 [00:41<00:54,  3.21s/it]\n"
     )
-    assert diagnose(log, exit_code=137)[0].code == "host-oom-killed"
-    assert diagnose(log + WRAPPER, exit_code=137)[0].code == "host-oom-killed"
+    assert diagnose(log, exit_code=137, oom_killed=True)[0].code == "host-oom-killed"
+    assert diagnose(log + WRAPPER, exit_code=137, oom_killed=True)[0].code == "host-oom-killed"
+    # SIGKILL with Docker's OOMKilled false: docker kill, a supervisor (issue 15, finding 11).
+    assert diagnose(log, exit_code=137, oom_killed=False)[0].code == "killed-from-outside"
+    assert diagnose(log, exit_code=137)[0].code == "host-oom-killed"  # the flag not known
     assert diagnose(log, exit_code=0)[0].code == "none"
 
 

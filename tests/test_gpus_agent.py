@@ -19,6 +19,7 @@ from rq import Queue
 from rq.job import JobStatus
 
 from agent.collector import CollectorLoop
+from core.queues import DEFAULT_QUEUE, get_queue
 from deployments.runtime.jobs import gc_job, reconcile_job
 from gpus.hosts import register_host
 from gpus.jobs import compact_host_history
@@ -121,11 +122,13 @@ def test_each_round_reconciles_on_its_own_interval_and_a_lasting_failure_is_logg
     host = register_host("gpu-rounds")[0]
     failed = Collection(None, (SourceFailure(Source.NVML, "NVMLError_LibraryNotFound"),))
     loop = CollectorLoop(host, interval_s=60)
+    queues = [get_queue(host.queue_name), get_queue(DEFAULT_QUEUE)]
+    for queue in queues:
+        queue.empty()
     clock = [0.0]  # one reconcile interval passes between rounds
     loop.periodic.clock = lambda: clock[0]
     with (
         mock.patch("agent.collector.collect_round", autospec=True, return_value=failed) as rounds,
-        mock.patch("core.queues.enqueue", autospec=True) as enqueue,
         caplog.at_level(logging.WARNING, logger="agent.collector"),
     ):
         for _ in range(3):
@@ -133,7 +136,10 @@ def test_each_round_reconciles_on_its_own_interval_and_a_lasting_failure_is_logg
             clock[0] += 60
         rounds.return_value = Collection(Inventory(Source.NVML, ()))
         loop._round()
-    jobs = [call.args[1] for call in enqueue.call_args_list]
+    # What the ticks put on the host's queue (the console's jobs go to the default queue).
+    jobs = [job.func for queue in queues for job in queue.jobs]
+    for queue in queues:
+        queue.empty()
     assert jobs.count(reconcile_job) == 4  # not only with the hourly compaction
     assert jobs.count(compact_host_history) == 1
     assert jobs.count(gc_job) == 0  # first due one GC interval after the agent started

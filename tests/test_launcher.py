@@ -153,6 +153,7 @@ def test_gpu_request_fails_cleanly_with_the_runtime_message(
 ) -> None:
     image = stand_in()
     EngineImage.objects.filter(pk=image.pk).update(gpu_capable=True)
+    image.refresh_from_db()
     deployment = new_deployment(image, gpu_count=1)
     result = on_host(launcher.launch, deployment, 1, gpus=list(deployment.host.gpus.all()))
     deployment.refresh_from_db()

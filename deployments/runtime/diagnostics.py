@@ -11,8 +11,8 @@ cause first::
 
 Memory errors are read for their numbers, not only their words: an out-of-memory error on a GPU
 whose memory is mostly held by another process is ``gpu-memory-in-use``, not ``cuda-oom``. The
-container state counts too: exit code 137 or Docker's OOMKilled flag with no Python error means
-the kernel killed the engine for host memory.
+container state counts too: Docker's OOMKilled flag with no Python error means the kernel killed
+the engine for memory; exit code 137 without that flag means it was killed from outside.
 
 A healthy log — harmless warnings included — gives one finding, ``none``.
 """
@@ -62,6 +62,17 @@ CONTAINER_OOM = Finding(
     None,
     "OOMKilled: the container reached its memory limit",
 )
+# SIGKILL (exit 137) without Docker's OOMKilled flag: ``docker kill``, ``docker stop`` past its
+# timeout, or another process — not the kernel's OOM killer, which sets the flag.
+KILLED_FROM_OUTSIDE = Finding(
+    "killed-from-outside",
+    "The engine was killed from outside (SIGKILL, not out of memory)",
+    "Someone or something ended the container: check `docker events` and the host's audit for "
+    "a docker kill / docker stop, a supervisor or a script; Docker did not report an "
+    "out-of-memory kill (OOMKilled is false). Restart the deployment when the cause is gone.",
+    None,
+    "exit code 137, OOMKilled false",
+)
 NONE = Finding("none", "No failure found in the log", "Nothing to fix.", None, "")
 # An exception line names its type first; one quoted inside a sentence (a warning that says
 # "errors like `OSError: ...`") is not one.
@@ -79,12 +90,14 @@ def diagnose(
     log: str | Iterable[str],
     *,
     exit_code: int | None = None,
-    oom_killed: bool = False,
+    oom_killed: bool | None = None,
     memory_limited: bool = False,
 ) -> list[Finding]:
     """Findings for a log (and the container's exit), most likely root cause first. With
     ``memory_limited`` (the container had a memory limit) and Docker's ``OOMKilled`` the limit is
-    the cause, whatever the log says the dying engine did next."""
+    the cause, whatever the log says the dying engine did next. ``oom_killed`` is Docker's flag
+    from ``docker inspect``, None when unknown (a log from elsewhere): exit code 137 without the
+    flag was a kill from outside, and with it unknown is still read as host out-of-memory."""
     lines = log.splitlines() if isinstance(log, str) else [line.rstrip("\n") for line in log]
     found: dict[str, tuple[Rank, Finding]] = {}
     first_exception: tuple[int, str] | None = None  # not matched by any rule
@@ -112,8 +125,9 @@ def diagnose(
     roots = [finding for finding in findings if RULES_BY_CODE[finding.code].rank == Rank.ROOT]
     if oom_killed and memory_limited:
         return [CONTAINER_OOM, *(f for f in findings if f.code != CONTAINER_OOM.code)]
-    if (exit_code == 137 or oom_killed) and not roots and first_exception is None:
-        return [HOST_OOM, *findings]
+    killed = exit_code == 137 or oom_killed
+    if killed and not roots and first_exception is None:
+        return [KILLED_FROM_OUTSIDE if oom_killed is False else HOST_OOM, *findings]
     if not roots and first_exception is not None:
         number, line = first_exception
         unknown = Finding(

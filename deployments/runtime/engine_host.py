@@ -39,16 +39,20 @@ class EngineHost:
             client.close()
 
     def container(self, name_or_id: str) -> Any | None:
-        """The container, or None when the engine has none by that name or id."""
+        """The container, or None when the engine has none by that name or id (or is removing
+        it: see :func:`gone`)."""
         try:
             return self.client.containers.get(name_or_id)
-        except docker.errors.NotFound:
-            return None
+        except docker.errors.APIError as exc:
+            if gone(exc):
+                return None
+            raise
 
     def remove_container(self, name_or_id: str) -> None:
         """Remove the container (running or not); nothing to do when it is gone."""
-        with contextlib.suppress(docker.errors.NotFound):
-            self.client.containers.get(name_or_id).remove(force=True)
+        container = self.container(name_or_id)
+        if container is not None:
+            remove_quietly(container)
 
     def containers(self, **filters: str) -> list[Any]:
         """This console's containers (``BERTH_INSTANCE``), running or not, with extra filters."""
@@ -59,3 +63,22 @@ class EngineHost:
         """Remove the volume; nothing to do when it is gone."""
         with contextlib.suppress(docker.errors.NotFound):
             self.client.volumes.get(name).remove(force=True)
+
+
+def gone(exc: docker.errors.APIError) -> bool:
+    """Whether Docker's error means the container is gone: 404, or 409 while ``docker rm -f``
+    removes it ("dead or marked for removal", "removal of container ... is already in
+    progress") — a watcher crashed on the 409 (issue 15, finding 12)."""
+    if isinstance(exc, docker.errors.NotFound):
+        return True
+    text = str(exc.explanation or exc)
+    return exc.status_code == 409 and ("marked for removal" in text or "removal of" in text)
+
+
+def remove_quietly(container: Any) -> None:
+    """``container.remove(force=True)``; nothing to do when it is gone or going."""
+    try:
+        container.remove(force=True)
+    except docker.errors.APIError as exc:
+        if not gone(exc):
+            raise

@@ -134,12 +134,16 @@ def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:
     job = get_current_job()
     queue = get_queue(job.origin) if job is not None else get_queue(deployment.host.queue_name)
     delay = settings.BERTH_MONITOR_INTERVAL_S if delay_s is None else delay_s
+    options = {
+        "job_id": naming.deployment_job_id("watch", deployment.pk, deployment.generation),
+        "meta": dict(job.meta) if job is not None else {},
+        "job_timeout": 120,
+    }
+    if delay <= 0:
+        # Due now: straight onto the queue, so a first look (or one reconcile resumes because
+        # no scheduler moved the last booking) does not itself wait for a scheduler.
+        queue.enqueue(watch_job, deployment.pk, deployment.generation, **options)
+        return
     queue.enqueue_in(
-        timedelta(seconds=delay),
-        watch_job,
-        deployment.pk,
-        deployment.generation,
-        job_id=naming.deployment_job_id("watch", deployment.pk, deployment.generation),
-        meta=dict(job.meta) if job is not None else {},
-        job_timeout=120,
+        timedelta(seconds=delay), watch_job, deployment.pk, deployment.generation, **options
     )

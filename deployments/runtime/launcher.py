@@ -29,11 +29,11 @@ from audit.actions import Action
 from core import naming
 from deployments.changes import publish
 from deployments.models import Deployment, DeploymentEvent, EventKind
-from deployments.runtime import allocation, host_checks
+from deployments.runtime import allocation, host_checks, model_source
 from deployments.runtime.diagnosis_rules import RULES_BY_CODE
 from deployments.runtime.diagnostics import Finding, diagnose
 from deployments.runtime.engine_args import SchemaError, parse_engine_args, parse_environment
-from deployments.runtime.engine_host import EngineHost
+from deployments.runtime.engine_host import EngineHost, gone, remove_quietly
 from deployments.runtime.launch_spec import (
     LaunchSpec,
     container_kwargs,
@@ -45,6 +45,7 @@ from deployments.runtime.placement import choose_gpus
 from deployments.runtime.prewarm import cancel as cancel_prewarm
 from deployments.runtime.prewarm import start as start_prewarm
 from deployments.states import State
+from deployments.validation import still_allowed
 from models_registry.inspection import inspect_directory
 from models_registry.tasks import EMBED
 
@@ -85,11 +86,14 @@ def launch(
         return f"deployment is {deployment.state}: nothing to do"
     spec = None
     try:
-        _check_model_on_host(deployment)
+        source = _check_model_on_host(deployment)
+        still_allowed(deployment)  # the rules of a new request, again
         start_prewarm(deployment)  # reads the weights into the page cache while the engine starts
         image = host_checks.pinned_image(engine.client, deployment)
         held = _hold_gpus(deployment, gpus)
-        spec, container = _start_on_a_free_port(engine, deployment, held, image)
+        model_source.run_hooks(deployment, source)
+        spec, container = _start_on_a_free_port(engine, deployment, held, image, source.host)
+        model_source.verify_mount(container, source, deployment)
     except (LaunchFailure, host_checks.Refused) as exc:
         _fail_launch(engine, deployment, spec, exc)
         return f"failed: {exc}"
@@ -102,19 +106,25 @@ def launch(
             State.LOADING,
             message=f"container {spec.container_name} started",
             container=container.id,
+            model_source=source.host,
+            model_identity=source.identity,
         )
     return "loading"
 
 
-def _check_model_on_host(deployment: Deployment) -> None:
-    """Inspect the model again where this host reads it, right before the launch."""
-    where = deployment.model.translation()
+def _check_model_on_host(deployment: Deployment) -> model_source.ModelSource:
+    """Resolve the model directory once (no link below the mount root), inspect exactly that
+    path again here, and refuse when it is not what was registered."""
+    source = model_source.resolve(deployment.model)
     report = inspect_directory(
-        Path(where.local),
-        storage_root=Path(deployment.model.mount.local_path),
-        display_path=where.canonical,
+        Path(source.local),
+        storage_root=deployment.model.mount.confinement_for(deployment.model.translation()),
+        display_path=deployment.model.path,
     )
+    if report.fingerprint != source.fingerprint:
+        report.add("path-changed", "error", "the directory changed while it was checked", "Retry.")
     host_checks.check_model_unchanged(deployment, report)
+    return source
 
 
 def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
@@ -141,7 +151,11 @@ def _hold_gpus(deployment: Deployment, gpus: Sequence[Any]) -> list[Any]:
 
 
 def _start_on_a_free_port(
-    engine: EngineHost, deployment: Deployment, gpus: list[Any], image: str | None = None
+    engine: EngineHost,
+    deployment: Deployment,
+    gpus: list[Any],
+    image: str | None = None,
+    model_host_path: str | None = None,
 ) -> tuple:
     """Create and start the container; when another program holds the chosen host port, remove
     the container and try the next port (Berth only knows its own engines' ports)."""
@@ -150,7 +164,7 @@ def _start_on_a_free_port(
     for _attempt in range(PORT_ATTEMPTS):
         try:
             labels = host_checks.image_labels(engine.client, image or deployment.image.reference)
-            spec = build_spec(deployment, gpus, _port(deployment, taken), labels)
+            spec = build_spec(deployment, gpus, _port(deployment, taken), labels, model_host_path)
         except SchemaError as exc:  # e.g. remote-code approval revoked since the request
             raise LaunchFailure(f"the deployment's settings are no longer allowed: {exc}") from None
         if image:  # pinned: create from the verified image id, not a name that could move
@@ -211,9 +225,11 @@ def build_spec(
     gpus: Sequence[Any],
     port: int,
     image_labels: dict[str, str] | None = None,
+    model_host_path: str | None = None,
 ) -> LaunchSpec:
     """The launch spec from the deployment's validated fields, its plan and the labels of the
-    host's copy of the image (the engine version a built image states)."""
+    host's copy of the image (the engine version a built image states); a launch passes the
+    bind source it checked (``model_source``), the page shows the resolved one."""
     where = deployment.model.translation()
     # Checked again here: an approval revoked after the request stops the launch.
     args = parse_engine_args(
@@ -228,7 +244,7 @@ def build_spec(
         generation=deployment.generation,
         team=deployment.team.slug,
         image=deployment.image.reference,
-        model_host_path=host_checks.resolved_host_path(deployment.model),
+        model_host_path=model_host_path or host_checks.resolved_host_path(deployment.model),
         model_container_path=where.container,
         served_model_name=deployment.name,
         host_port=port,
@@ -358,10 +374,16 @@ def watch(engine: EngineHost, deployment: Deployment, generation: int) -> bool:
     ):
         return False
     container = engine.container(deployment.container_id or deployment.container_name)
+    try:
+        if container is not None:
+            _read_new_logs(deployment, container)
+    except docker.errors.APIError as exc:
+        if not gone(exc):
+            raise
+        container = None  # docker rm -f under way: Docker answers 409, not 404
     if container is None:
         fail(deployment, f"the container {deployment.container_name} disappeared", [], release=True)
         return False
-    _read_new_logs(deployment, container)
     restarts = int(container.attrs.get("RestartCount") or 0)
     state = container.attrs.get("State", {})
     if state.get("Status") in ("exited", "dead") or restarts >= RESTART_LOOP:
@@ -434,7 +456,7 @@ def _engine_died(deployment: Deployment, container: Any, state: dict, restarts: 
         if restarts >= RESTART_LOOP
         else f"the engine exited with code {exit_code}"
     )
-    container.remove(force=True)
+    remove_quietly(container)
     fail(
         deployment,
         what + (f": {findings[0].title}" if findings else ""),

@@ -24,7 +24,8 @@ from django.utils.dateparse import parse_datetime
 import audit
 from audit.actions import Action
 from core import naming
-from core.queues import get_queue, is_pending
+from core.liveness import forget, job_liveness
+from core.queues import get_queue
 from deployments.models import Deployment, GpuAllocation
 from deployments.runtime import allocation
 from deployments.runtime.engine_host import EngineHost
@@ -32,6 +33,9 @@ from deployments.runtime.launcher import fail
 from deployments.states import ACTIVE, State
 
 GRACE = timedelta(minutes=2)  # a launch job may be between "create" and "record the id"
+# A launch books the first look right after the move to "loading", in the same job: a watcher
+# missing this long after the last change is lost (Redis lost it), not on its way.
+WATCH_GRACE = timedelta(seconds=15)
 EXPECT_CONTAINER = frozenset({State.LOADING, State.READY, State.UNHEALTHY})
 
 
@@ -123,25 +127,34 @@ WAITING_FOR = {
 def _resume_lost_jobs(
     host: Any, now: datetime, resume: Callable[[str, Deployment], Any]
 ) -> list[str]:
-    """Re-enqueue the job a deployment waits for when it is gone from Redis (its worker was
-    killed, or Redis lost it): the launch adopts the container it may already have created, the
-    watcher picks up where the log cursor stands."""
+    """Re-enqueue the job a deployment waits for when it will not run: gone from Redis (Redis
+    lost it), started by a worker that stopped beating (killed), or scheduled and long overdue
+    (no scheduler moved it) — asked of the registries and the worker, not the job's status
+    (``core.liveness``). The launch adopts the container it may already have created, the
+    watcher picks up where the log cursor stands; every job is idempotent."""
     queue = get_queue(host.queue_name)
     resumed = []
     waiting = Deployment.objects.filter(
         Q(state__in=[*WAITING_FOR, *EXPECT_CONTAINER]) | Q(delete_requested_at__isnull=False),
         host=host,
-        updated__lt=now - GRACE,
     )
     for deployment in waiting.select_related("host"):
         state = State(deployment.state)
         # A delete was asked for: the page shows it under way until the record is gone.
         kind = "delete" if deployment.delete_requested_at else WAITING_FOR.get(state, "watch")
         job_id = naming.deployment_job_id(kind, deployment.pk, deployment.generation)
-        if is_pending(queue, job_id):
+        verdict = job_liveness(queue, job_id)
+        if verdict.pending:
             continue
+        grace = WATCH_GRACE if kind == "watch" else GRACE
+        if not verdict.lost and deployment.updated >= now - grace:
+            continue  # just moved: its job (enqueued on commit, or booked next) may be on its way
+        forget(queue, job_id)
         resume(kind, deployment)
-        audit.record(Action.RECONCILE_JOB_RESUMED, target=deployment, job=job_id, state=str(state))
+        why = verdict.why or "no run of it in Redis"
+        audit.record(
+            Action.RECONCILE_JOB_RESUMED, target=deployment, job=job_id, state=str(state), why=why
+        )
         resumed.append(job_id)
     return resumed
 

@@ -18,32 +18,50 @@ from django.conf import settings
 from deployments.changes import channel
 
 KEEPALIVE_S = 15.0
+# A stream ends after this long and the browser's EventSource reconnects (after RETRY_MS): the
+# new request passes sign-in and the access check again, whatever happened meanwhile.
+MAX_LIFETIME_S = 300.0
+RETRY_MS = 3000
+ENDED = "event: end\ndata: \n\n"
 
 
 async def sse_events(
     deployment_pk: int,
     render: Callable[[], Awaitable[str]],
+    allowed: Callable[[], Awaitable[bool]],
     personalise: Callable[[str], str] = str,
 ) -> AsyncIterator[str]:
     """``event: status`` with the freshly rendered status each time the deployment changes.
     A render is shared by the viewers of a change; ``personalise`` puts in what is this
-    viewer's own (the CSRF token of the status's forms)."""
+    viewer's own (the CSRF token of the status's forms).
+
+    Before every event (and keepalive) ``allowed()`` asks again whether the viewer's session
+    still exists and still may see the deployment: after a sign-out or a team removal the
+    stream sends ``event: end`` and closes, instead of pushing the panel and the log tail on.
+    After :data:`MAX_LIFETIME_S` it closes with a ``retry:`` hint and the page reconnects."""
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
     pubsub = client.pubsub()
+    started = time.monotonic()
     try:
         # Subscribe before rendering the current state, so no change falls in between.
         await pubsub.subscribe(channel(deployment_pk))
-        yield _event(personalise(await render()))
+        yield _event(personalise(await render()), retry_ms=RETRY_MS)
         quiet_since = time.monotonic()
-        while True:
-            message = await pubsub.get_message(timeout=KEEPALIVE_S)
-            if message is not None and message["type"] == "message":
+        while (left := MAX_LIFETIME_S - (time.monotonic() - started)) > 0:
+            message = await pubsub.get_message(timeout=min(KEEPALIVE_S, left))
+            changed = message is not None and message["type"] == "message"
+            if not changed and time.monotonic() - quiet_since < KEEPALIVE_S:
+                continue
+            if not await allowed():
+                yield ENDED
+                return
+            if changed:
                 html = await _shared(deployment_pk, message["data"], render)
                 yield _event(personalise(html))
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+            else:
                 yield ": keepalive\n\n"
-                quiet_since = time.monotonic()
+            quiet_since = time.monotonic()
+        yield f"retry: {RETRY_MS}\n\n"
     finally:
         await pubsub.unsubscribe()
         await pubsub.aclose()
@@ -69,6 +87,7 @@ async def _shared(deployment_pk: int, change: bytes, render: Callable[[], Awaita
     return await asyncio.shield(task)
 
 
-def _event(html: str) -> str:
+def _event(html: str, *, retry_ms: int | None = None) -> str:
     data = "\n".join(f"data: {line}" for line in html.splitlines() or [""])
-    return f"event: status\n{data}\n\n"
+    retry = f"retry: {retry_ms}\n" if retry_ms is not None else ""
+    return f"event: status\n{data}\n{retry}\n"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import SESSION_KEY
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db import connections
@@ -19,7 +22,7 @@ from django.views.decorators.http import require_POST
 
 import audit
 from accounts.access import get_visible_or_404, role_required, visible_teams
-from accounts.models import Role
+from accounts.models import Role, User
 from audit.actions import Action, Outcome
 from core.contention import Contended
 from deployments import services, sizing
@@ -198,13 +201,39 @@ async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> Strea
         finally:
             _release_connections()  # this pool thread's: the next render may run on another
 
+    @sync_to_async(thread_sensitive=False)
+    def still_allowed() -> bool:
+        try:
+            return _stream_allowed(request.session.session_key, user.pk, deployment.pk)
+        finally:
+            _release_connections()
+
     response = StreamingHttpResponse(
-        sse_events(deployment.pk, render_status, lambda html: html.replace(CSRF_SLOT, token)),
+        sse_events(
+            deployment.pk,
+            render_status,
+            still_allowed,
+            lambda html: html.replace(CSRF_SLOT, token),
+        ),
         content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+def _stream_allowed(session_key: str | None, user_pk: int, deployment_pk: int) -> bool:
+    """Whether the stream's viewer is still signed in with that session (not signed out,
+    expired or flushed) and may still see the deployment (a team removal, a role change)."""
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    if session_key is None or not store.exists(session_key):
+        return False
+    if str(store.get(SESSION_KEY)) != str(user_pk):
+        return False
+    viewer = User.objects.filter(pk=user_pk, is_active=True).first()
+    if viewer is None or viewer.role not in (Role.MEMBER, Role.ADMIN):
+        return False
+    return Deployment.objects.visible_to(viewer).filter(pk=deployment_pk).exists()
 
 
 @require_POST

@@ -13,10 +13,11 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 from redis.exceptions import RedisError
-from rq import SimpleWorker
 
 from agent.collector import CollectorLoop, collect_round
-from core.queues import ContextJob, get_queue, redis_connection
+from agent.scheduled import ScheduledJobsLoop
+from agent.worker import AgentWorker, work_until_stopped
+from core.queues import redis_connection
 from gpus.models import Host
 from gpus.readings import Source
 
@@ -94,25 +95,33 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Redis is not reachable at REDIS_URL={settings.REDIS_URL}: {exc}"
             ) from None
-        loop = CollectorLoop(host, interval_s=interval_s, sources=sources)
-        # Jobs run in this process (SimpleWorker), not in a forked work horse: the collector and
+        # Jobs run in this process (agent.worker), not in a forked work horse: the collector and
         # heartbeat threads are running, and fork() in a threaded process can copy a lock some
         # thread holds (logging, a connection pool) and hang the child forever. Host jobs are
-        # short (launch, watch, stop, reconcile, GC); job timeouts still apply.
-        worker = SimpleWorker(
-            [get_queue(host.queue_name)], connection=connection, job_class=ContextJob
-        )
+        # short (launch, watch, stop, reconcile, GC); job timeouts still apply. For the same
+        # reason scheduled jobs are moved by a thread (agent.scheduled), not RQ's forked
+        # scheduler, which also stayed dead for up to ten minutes after a Redis restart.
+        loop = CollectorLoop(host, interval_s=interval_s, sources=sources)
+        scheduled = ScheduledJobsLoop(host.queue_name)
         self.stdout.write(
             f"Berth agent for {host.name}: worker on {host.queue_name}, "
             f"collecting every {interval_s:g} s"
         )
         self.stdout.flush()
         loop.start()
+        scheduled.start()
         connections.close_all()
+
+        def on_worker(worker: AgentWorker) -> None:
+            # The heartbeat thread beats for the worker while a job runs in the main thread.
+            loop.worker_heartbeat = worker.beat
+
         try:
-            worker.work(with_scheduler=True, logging_level=settings.RQ_LOG_LEVEL)
+            work_until_stopped(host.queue_name, on_worker)
         finally:
+            scheduled.stop()
             loop.stop()
+            scheduled.join(timeout=5)
             loop.join(timeout=settings.BERTH_GPU_PROBE_TIMEOUT_S)
         self.stdout.write(f"Berth agent for {host.name} stopped.")
 

@@ -54,6 +54,9 @@ class Command(BaseCommand):
             connection=connection,
             job_class=ContextJob,
             name=name,
+            # Beat at least every agent interval while a job runs: reconcile takes a started
+            # job whose worker went silent for three beats for lost (core.liveness).
+            job_monitoring_interval=min(30, settings.BERTH_AGENT_INTERVAL_S),
         )
         # The work horse is forked per job: it must not inherit this process's DB sockets.
         connections.close_all()

@@ -29,6 +29,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("logfile", help="a vLLM container log ('-' for standard input)")
         parser.add_argument("--exit-code", type=int, help="the container's exit code, if known")
+        parser.add_argument(
+            "--oom-killed",
+            choices=["true", "false"],
+            help="Docker's OOMKilled flag (docker inspect): false with exit code 137 means killed "
+            "from outside; left out, 137 is read as host out-of-memory",
+        )
         parser.add_argument("--json", action="store_true", help="print one JSON object")
 
     found = False
@@ -38,13 +44,21 @@ class Command(BaseCommand):
         if self.found:
             sys.exit(EXIT_FOUND)
 
-    def handle(self, *args: Any, logfile: str, exit_code: int | None, **options: Any) -> None:
+    def handle(
+        self,
+        *args: Any,
+        logfile: str,
+        exit_code: int | None,
+        oom_killed: str | None = None,
+        **options: Any,
+    ) -> None:
         try:
             text = sys.stdin.read() if logfile == "-" else Path(logfile).read_text(errors="replace")
         except OSError as exc:
             message = f"cannot read {logfile}: {exc.strerror}"
             raise CommandError(message, returncode=EXIT_USAGE) from None
-        findings = diagnose(text, exit_code=exit_code)
+        flag = None if oom_killed is None else oom_killed == "true"
+        findings = diagnose(text, exit_code=exit_code, oom_killed=flag)
         self.found = findings[0].code != NONE.code
         if options["json"]:
             self.stdout.write(json.dumps({"findings": [finding.as_json() for finding in findings]}))
