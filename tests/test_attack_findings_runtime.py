@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from core.queues import ContextJob, get_queue, redis_connection
 from deployments.models import Deployment
 from deployments.runtime import launcher
 from deployments.runtime.diagnostics import diagnose
-from deployments.runtime.jobs import resume
+from deployments.runtime.jobs import resume, watch_job
 from deployments.runtime.reconcile import GRACE, reconcile_host
 from deployments.services import request_restart
 from deployments.states import State
@@ -204,3 +205,33 @@ def test_finding_06_restart_from_the_page_is_refused_with_the_reason(
     assert "not on the allow-list" in response.content.decode()
     deployment.refresh_from_db()
     assert deployment.state == State.STOPPED
+
+
+# --- 5. a scheduled watcher that did not run ---
+
+
+@pytest.mark.django_db(transaction=True)
+def test_finding_05_reconcile_rebooks_a_watcher_whose_schedule_nobody_ran(
+    stand_in: Any, new_deployment: Any, docker_client: Any
+) -> None:
+    """The watcher's next look sits in the scheduled registry, due two minutes ago: no
+    scheduler moved it (RQ's died with a Redis restart). It reads "scheduled", but it is lost."""
+    deployment = _loading(stand_in, new_deployment)
+    queue = get_queue(deployment.host.queue_name)
+    job_id = f"watch-{deployment.pk}-1"
+    queue.enqueue_at(
+        timezone.now() - timedelta(minutes=2),
+        watch_job,
+        deployment.pk,
+        1,
+        job_id=job_id,
+    )
+    try:
+        result = reconcile_host(deployment.host, docker_client, resume=resume)
+        assert result.jobs_resumed == [job_id]
+        assert job_id in queue.job_ids  # on the queue itself: no scheduler needed
+        assert job_id not in queue.scheduled_job_registry.get_job_ids()
+        event = AuditEvent.objects.get(action="reconcile.job_resumed")
+        assert "overdue" in event.payload["why"]
+    finally:
+        queue.empty()
