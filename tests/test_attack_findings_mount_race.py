@@ -20,7 +20,7 @@ from audit.models import AuditEvent
 from deployments.models import Deployment, EngineImage
 from deployments.runtime import launcher, model_source
 from deployments.states import State
-from tests.deployment_builders import host_with_gpus, registered_model, remove_engines
+from tests.deployment_builders import host_with_gpus, on_host, registered_model, remove_engines
 from tests.model_dirs import LLAMA_CONFIG, write_model
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db]
@@ -78,8 +78,9 @@ def _swap_to_team_b(box: Path) -> None:
 
 
 def _swap_back(box: Path) -> None:
-    box.unlink()
-    box.with_name("box-real").rename(box)
+    if box.is_symlink():
+        box.unlink()
+        box.with_name("box-real").rename(box)
 
 
 def _architecture_inside(docker_client: Any, deployment: Deployment) -> str:
@@ -100,7 +101,7 @@ def test_finding_01_a_swap_between_the_check_and_the_create_is_refused(
 
     model_source.BETWEEN_CHECK_AND_CREATE.append(swap)
     try:
-        result = launcher.launch(deployment, 1)
+        result = on_host(launcher.launch, deployment, 1)
     finally:
         model_source.BETWEEN_CHECK_AND_CREATE.remove(swap)
         _swap_back(storage["box"])
@@ -124,7 +125,7 @@ def test_finding_01_a_link_below_the_team_folder_is_refused_before_anything_is_c
     _swap_to_team_b(storage["box"])
     try:
         deployment = deployments("linked")
-        launcher.launch(deployment, 1)
+        on_host(launcher.launch, deployment, 1)
     finally:
         _swap_back(storage["box"])
     deployment.refresh_from_db()
@@ -162,7 +163,7 @@ def test_finding_01_a_free_running_swap_race_never_mounts_another_teams_model(
         while time.monotonic() < deadline:
             attempt += 1
             deployment = deployments(f"race-{attempt}")
-            launcher.launch(deployment, 1)
+            on_host(launcher.launch, deployment, 1)
             deployment.refresh_from_db()
             if deployment.state == State.LOADING:
                 outcomes["mounted"] += 1

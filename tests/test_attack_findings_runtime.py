@@ -23,10 +23,12 @@ from core.queues import ContextJob, get_queue, redis_connection
 from deployments.models import Deployment
 from deployments.runtime import launcher
 from deployments.runtime.diagnostics import diagnose
+from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.jobs import resume, watch_job
 from deployments.runtime.reconcile import GRACE, reconcile_host
 from deployments.services import request_restart
 from deployments.states import State
+from tests.deployment_builders import on_host
 from tests.test_launcher import new_deployment, stand_in, watch_until  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
@@ -34,7 +36,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
 def _loading(stand_in: Any, new_deployment: Any, **environment: str) -> Deployment:
     deployment = new_deployment(stand_in(ENGINE_LOAD_SECONDS="60", **environment))
-    assert launcher.launch(deployment, 1) == "loading"
+    assert on_host(launcher.launch, deployment, 1) == "loading"
     deployment.refresh_from_db()
     return deployment
 
@@ -75,17 +77,18 @@ def test_finding_12_removal_in_progress_reads_as_gone_not_a_crash(
     image = stand_in(ENGINE_LOAD_SECONDS="60")
     for attempt in range(3):
         deployment = new_deployment(image, name=f"tiny-{attempt}")
-        assert launcher.launch(deployment, 1) == "loading"
+        assert on_host(launcher.launch, deployment, 1) == "loading"
         deployment.refresh_from_db()
         container_id = deployment.container_id
         remover = threading.Thread(
             target=lambda cid=container_id: docker_client.api.remove_container(cid, force=True)
         )
-        remover.start()
         deadline = time.monotonic() + 30
-        while launcher.watch(deployment, 1):
-            assert time.monotonic() < deadline
-            deployment.refresh_from_db()
+        with EngineHost.of(deployment.host) as engine:  # one client: a tight loop, as a job's
+            remover.start()
+            while launcher.watch(engine, deployment, 1):
+                assert time.monotonic() < deadline
+                deployment.refresh_from_db()
         remover.join()
         deployment.refresh_from_db()
         assert deployment.state == State.FAILED
@@ -111,7 +114,7 @@ def test_finding_10_a_watcher_that_rebooked_itself_is_not_resumed(
         job_id = f"watch-{deployment.pk}-1"
         assert job_id in queue.scheduled_job_registry.get_job_ids()  # it booked its next look
         Deployment.objects.filter(pk=deployment.pk).update(updated=timezone.now() - 2 * GRACE)
-        result = reconcile_host(deployment.host, docker_client, resume=resume)
+        result = reconcile_host(deployment.host, EngineHost(docker_client), resume=resume)
         assert result.jobs_resumed == []
         assert not AuditEvent.objects.filter(action="reconcile.job_resumed").exists()
     finally:
@@ -180,7 +183,7 @@ def test_finding_06_the_launcher_revalidates_too(
     deployment.image.enabled = False
     deployment.image.save()
     deployment.refresh_from_db()
-    result = launcher.launch(deployment, 1)
+    result = on_host(launcher.launch, deployment, 1)
     deployment.refresh_from_db()
     assert deployment.state == State.FAILED, result
     assert "allow-list" in deployment.last_error
@@ -227,7 +230,7 @@ def test_finding_05_reconcile_rebooks_a_watcher_whose_schedule_nobody_ran(
         job_id=job_id,
     )
     try:
-        result = reconcile_host(deployment.host, docker_client, resume=resume)
+        result = reconcile_host(deployment.host, EngineHost(docker_client), resume=resume)
         assert result.jobs_resumed == [job_id]
         assert job_id in queue.job_ids  # on the queue itself: no scheduler needed
         assert job_id not in queue.scheduled_job_registry.get_job_ids()
