@@ -233,6 +233,8 @@ def _stream_allowed(session_key: str | None, user_pk: int, deployment_pk: int) -
     viewer = User.objects.filter(pk=user_pk, is_active=True).first()
     if viewer is None or viewer.role not in (Role.MEMBER, Role.ADMIN):
         return False
+    if not Deployment.objects.filter(pk=deployment_pk).exists():
+        return True  # deleted meanwhile: the render says so, to its team only (find_deleted)
     return Deployment.objects.visible_to(viewer).filter(pk=deployment_pk).exists()
 
 
