@@ -128,6 +128,7 @@ class Console:
 
         host = register_host(name)[0]
         heartbeat(host, resources=read_host_resources())
+        host.refresh_from_db()
         worker_env = child_environment(DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}")
         worker_env |= {"LOG_LEVEL": "warning", "BERTH_INSTANCE": INSTANCE, **env}
         argv = [sys.executable, str(BASE_DIR / "manage.py"), "berth_worker", host.queue_name,
@@ -178,6 +179,7 @@ def berth_start(console: Console, deployment: Any) -> tuple[float, float | None]
 
     from deployments.services import request_restart, request_stop
 
+    deployment.refresh_from_db()
     requested = timezone.now()
     request_restart(console.user, deployment)
     ready = until_state(deployment, "ready")
