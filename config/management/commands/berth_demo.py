@@ -32,6 +32,7 @@ from accounts.services import GENERATED_PASSWORD_BYTES, add_member, create_team,
 from audit.actions import Action
 from config.demo_engine import choose_engine, deploy_demo_model
 from deployments.models import EngineImage
+from deployments.runtime.engine_images import save_cpu_engine
 from deployments.runtime.stand_in import (
     StandInUnavailable,
     build_engine_image,
@@ -160,29 +161,15 @@ def ensure_stand_in_image(report: DemoReport, *, required: bool = True) -> Engin
         "environment": {"ENGINE_LOAD_SECONDS": STAND_IN_LOAD_SECONDS},
         "enabled": True,
     }
-    with transaction.atomic():
-        image = EngineImage.objects.select_for_update().filter(name=IMAGE_NAME).first()
-        created = image is None
-        if image is None:
-            image = EngineImage(name=IMAGE_NAME, **wanted)
-        elif image.reference == tag and image.is_stand_in and image.enabled:
-            report.lines.append(f"engine image '{IMAGE_NAME}' ({tag}): already allow-listed")
-            return image
-        else:
-            for key, value in wanted.items():
-                setattr(image, key, value)
-        image.full_clean()
-        image.save()
-        audit.record(
-            Action.ENGINE_IMAGE_SAVED,
-            target=image,
-            created=created,
-            reference=tag,
-            enabled=True,
-            gpu_capable=False,
-            cpu_capable=True,
-            environment=sorted(image.environment),
-        )
+    created = save_cpu_engine(
+        IMAGE_NAME,
+        wanted,
+        current=lambda image: image.reference == tag and image.is_stand_in and image.enabled,
+    )
+    image = EngineImage.objects.get(name=IMAGE_NAME)
+    if created is None:
+        report.lines.append(f"engine image '{IMAGE_NAME}' ({tag}): already allow-listed")
+        return image
     verb = "allow-listed" if created else "updated to the current build"
     report.lines.append(f"engine image '{IMAGE_NAME}' ({tag}): {verb} (CPU, stand-in)")
     return image
