@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 from django.conf import settings
 
 from accounts.models import Team
@@ -95,14 +97,38 @@ def on_host(step: Callable[..., Any], deployment: Deployment, *args: Any, **kwar
         return step(engine, deployment, *args, **kwargs)
 
 
+def _remove_container(container: Any) -> None:
+    """Remove ``container``; one the launch is removing already is waited for (deadline 30 s)."""
+    try:
+        container.remove(force=True)
+        return
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError as error:
+        if "in progress" not in str(error):
+            raise
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"container {container.name} was still being removed after 30 s")
+
+
 def remove_engines(docker_client: Any, deployments: Iterable[Deployment]) -> None:
     """Remove what launches of ``deployments`` left on the engine: containers and cache volumes."""
     for deployment in deployments:
         for container in docker_client.containers.list(
             all=True, filters={"name": deployment.container_name}
         ):
-            container.remove(force=True)
+            _remove_container(container)
         for volume in docker_client.volumes.list(
             filters={"name": f"{settings.BERTH_INSTANCE}-cache-{deployment.pk}"}
         ):
+            # A container the launch was still removing (or one under another name) can hold the
+            # volume: remove whatever uses it first, or the volume answers 409 "in use".
+            for user in docker_client.containers.list(all=True, filters={"volume": volume.name}):
+                _remove_container(user)
             volume.remove(force=True)
