@@ -121,9 +121,23 @@ class DeploymentQuerySet(TeamOwnedQuerySet):
     def active(self) -> DeploymentQuerySet:
         return self.filter(state__in=ACTIVE)
 
+    def primaries(self) -> DeploymentQuerySet:
+        """The deployments people act on (each one's first replica)."""
+        return self.filter(replica_of__isnull=True)
+
+
+MAX_REPLICAS = 16
+
 
 class Deployment(models.Model):
-    """A model served by an engine container on one host, owned by a team."""
+    """A model served by engine containers, owned by a team: one row per replica.
+
+    The deployment people name, request and act on is its first replica (``replica_of`` None,
+    ``replica_index`` 0), which also holds the desired count (``replicas``). Each further replica
+    is a row of its own pointing at it, with its own host, GPUs, container, health and timeline,
+    so launching, watching, allocation and reconcile work per replica unchanged, and the gateway
+    routes the name to every ready row of the team that carries it.
+    """
 
     public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     name = models.CharField(max_length=64, validators=[slug_validator])
@@ -133,6 +147,12 @@ class Deployment(models.Model):
     )
     host = models.ForeignKey("gpus.Host", on_delete=models.PROTECT, related_name="deployments")
     image = models.ForeignKey(EngineImage, on_delete=models.PROTECT, related_name="deployments")
+    replica_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="replica_rows"
+    )
+    replica_index = models.PositiveSmallIntegerField(default=0)
+    # The desired number of replicas (on the first replica's row; 1 on the others).
+    replicas = models.PositiveSmallIntegerField(default=1)
     # The GPUs the deployment holds, one tensor-parallel rank each (0: a CPU engine).
     gpu_count = models.PositiveSmallIntegerField()
     engine_args = models.JSONField(default=dict, blank=True)
@@ -182,14 +202,37 @@ class Deployment(models.Model):
                 name="deployment_active_port_unique",
             ),
             models.UniqueConstraint(
-                fields=["team", "name"],
+                fields=["team", "name", "replica_index"],
                 condition=Q(state__in=sorted(ACTIVE)),
                 name="deployment_active_name_unique",
+            ),
+            models.CheckConstraint(
+                condition=Q(replica_of__isnull=True, replica_index=0)
+                | Q(replica_of__isnull=False, replica_index__gt=0, replicas=1),
+                name="deployment_replica_index_matches",
             ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.team.slug}/{self.name}"
+        suffix = f" (replica {self.replica_index + 1})" if self.replica_index else ""
+        return f"{self.team.slug}/{self.name}{suffix}"
+
+    @property
+    def is_replica(self) -> bool:
+        """A further replica (not the deployment people act on)."""
+        return self.replica_of_id is not None
+
+    @property
+    def primary_id(self) -> int:
+        """The pk of the deployment this row is a replica of (its own for the first)."""
+        return self.replica_of_id or self.pk
+
+    def group(self) -> DeploymentQuerySet:
+        """Every replica's row of this deployment, the first one included, by index."""
+        primary = self.primary_id
+        return Deployment.objects.filter(Q(pk=primary) | Q(replica_of_id=primary)).order_by(
+            "replica_index"
+        )
 
     @property
     def tensor_parallel_size(self) -> int:

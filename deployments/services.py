@@ -19,12 +19,19 @@ from accounts.models import Team
 from audit.actions import Action, Outcome
 from audit.trail import denial_reason
 from core.contention import Contended, retrying
+from deployments import replicas
 from deployments.changes import publish
 from deployments.models import Deployment
 from deployments.runtime import host_memory
 from deployments.runtime.jobs import enqueue_delete, enqueue_launch, enqueue_stop
 from deployments.states import ACTIVE, State
-from deployments.validation import DeployRequest, plan_for, request_of, validated
+from deployments.validation import (
+    DeployRequest,
+    check_team_quota,
+    plan_for,
+    request_of,
+    validated,
+)
 
 __all__ = ["AlreadyDeploying", "DeployRequest", "plan_for", "request_deployment"]
 
@@ -34,29 +41,38 @@ class AlreadyDeploying(ValidationError):
 
 
 def request_deployment(user: Any, data: DeployRequest) -> Deployment:
-    """Validate, plan, record and enqueue a launch; raises ValidationError/PermissionDenied."""
+    """Validate, plan and place every replica, record and enqueue their launches (each on its
+    host's queue); returns the deployment (its first replica). Raises
+    ValidationError/PermissionDenied."""
     try:
-        deployment = validated(user, data)
+        rows = replicas.place(user, data)
     except (ValidationError, PermissionDenied) as exc:
         record_denied(user, exc, team=data.team, name=data.name)
         raise
+    deployment = rows[0]
     initial_state = deployment.state
 
     def create() -> None:
-        # A rolled-back attempt leaves the instance looking saved: start each one afresh.
-        deployment.pk, deployment.state = None, initial_state
-        deployment._state.adding = True
+        primary = None
         with audit.chain_transaction():
-            host_memory.check_and_hold(deployment)
-            deployment.save()
-            audit.record(
-                Action.DEPLOYMENT_LAUNCH_REQUESTED,
-                target=deployment,
-                actor=user,
-                **_summary(deployment, data),
-            )
-            deployment.transition(State.QUEUED, message=f"queued on {deployment.host.queue_name}")
-            enqueue_launch(deployment)
+            for row in rows:
+                # A rolled-back attempt leaves the instance looking saved: start each afresh.
+                row.pk, row.state, row.replica_of = None, initial_state, primary
+                row._state.adding = True
+                host_memory.check_and_hold(row)
+                row.save()
+                if primary is None:
+                    primary = row
+                    audit.record(
+                        Action.DEPLOYMENT_LAUNCH_REQUESTED,
+                        target=row,
+                        actor=user,
+                        **_summary(row, data),
+                        replicas=len(rows),
+                        hosts=[each.host.name for each in rows],
+                    )
+                row.transition(State.QUEUED, message=_queued_message(row, len(rows)))
+                enqueue_launch(row)
 
     try:
         retrying(create)
@@ -132,41 +148,54 @@ def refusals_audited(action: Action) -> Callable[[Callable[..., None]], Callable
     return decorator
 
 
+STOPPABLE = ACTIVE - {State.STOPPING}
+
+
+def _group_of(deployment: Deployment) -> list[Deployment]:
+    """Every replica's row, the caller's own instance in place of its fresh copy (so the
+    caller sees the state and generation the action gave it)."""
+    return [deployment if row.pk == deployment.pk else row for row in deployment.group()]
+
+
 @refusals_audited(Action.DEPLOYMENT_STOP_REQUESTED)
 def request_stop(user: Any, deployment: Deployment) -> None:
-    """Ask the host's agent to stop the engine (audited)."""
-    if deployment.state not in ACTIVE - {State.STOPPING}:
+    """Ask the hosts' agents to stop every running replica of the deployment (audited)."""
+    rows = [row for row in _group_of(deployment) if row.state in STOPPABLE]
+    if not rows:
         raise ValidationError({"state": f"a {deployment.state} deployment cannot be stopped"})
     with audit.chain_transaction():
         audit.record(Action.DEPLOYMENT_STOP_REQUESTED, target=deployment, actor=user)
-        if not deployment.transition(
-            State.STOPPING, message=f"stop requested by {user.get_username()}"
-        ):
-            raise ValidationError(
-                {"state": "the deployment changed state meanwhile; reload the page"}
-            )
-        enqueue_stop(deployment)
+        for row in rows:
+            message = f"stop requested by {user.get_username()}"
+            if not row.transition(State.STOPPING, message=message):
+                raise ValidationError(
+                    {"state": "the deployment changed state meanwhile; reload the page"}
+                )
+            enqueue_stop(row)
 
 
 @refusals_audited(Action.DEPLOYMENT_DELETE_REQUESTED)
 def request_delete(user: Any, deployment: Deployment) -> None:
-    """Ask the host to remove what is left (cache volume, stray containers), then the record.
-    The audit trail keeps the deployment's history."""
-    if deployment.state not in (State.FAILED, State.STOPPED):
+    """Ask the hosts to remove what is left (cache volumes, stray containers), then the
+    records. The audit trail keeps the deployment's history."""
+    rows = _group_of(deployment)
+    if any(row.state not in (State.FAILED, State.STOPPED) for row in rows):
         raise ValidationError(
             {"state": "only a failed or stopped deployment can be deleted; stop it first"}
         )
     with audit.chain_transaction():
         now = timezone.now()
-        if not Deployment.objects.filter(
-            pk=deployment.pk,
-            generation=deployment.generation,
-            state=deployment.state,
-            delete_requested_at__isnull=True,
-        ).update(delete_requested_at=now, updated=now):
-            raise ValidationError(
-                {"state": "the deployment changed meanwhile (restarted, or already being deleted)"}
-            )
+        for row in rows:
+            if not Deployment.objects.filter(
+                pk=row.pk,
+                generation=row.generation,
+                state=row.state,
+                delete_requested_at__isnull=True,
+            ).update(delete_requested_at=now, updated=now):
+                raise ValidationError(
+                    {"state": "the deployment changed meanwhile (restarted, or already being "
+                     "deleted)"}
+                )  # fmt: skip
         deployment.delete_requested_at = now
         audit.record(
             Action.DEPLOYMENT_DELETE_REQUESTED,
@@ -174,54 +203,73 @@ def request_delete(user: Any, deployment: Deployment) -> None:
             actor=user,
             public_id=str(deployment.public_id),
         )
-        enqueue_delete(deployment)
+        # Further replicas first: the first replica's row takes theirs with it when it goes.
+        for row in sorted(rows, key=lambda row: -row.replica_index):
+            enqueue_delete(row)
         publish(deployment.pk, "deleting")
 
 
 @refusals_audited(Action.DEPLOYMENT_RESTART_REQUESTED)
 def request_restart(user: Any, deployment: Deployment) -> None:
-    """Start a new generation of a failed or stopped deployment — only if it still passes every
-    rule a new request must (image allowed, model deployable, engine flags and remote-code
-    approval, quota, the plan on today's GPUs); the fresh plan replaces the stored one."""
-    if deployment.state not in (State.FAILED, State.STOPPED):
+    """Start a new generation of every failed or stopped replica of the deployment — only if
+    each still passes every rule a new request must (image allowed, model deployable, engine
+    flags and remote-code approval, quota, the plan on its host's GPUs today); the fresh plan
+    replaces the stored one."""
+    rows = [row for row in _group_of(deployment) if row.state in (State.FAILED, State.STOPPED)]
+    if not rows:
         raise ValidationError(
             {"state": "only a failed or stopped deployment can be restarted; stop it first"}
         )
-    fresh = validated(user, request_of(deployment))
+    fresh = [validated(user, request_of(row)) for row in rows]
+    if len(fresh) > 1:  # each passed on its own; together they must fit the quota too
+        check_team_quota(deployment.team, sum(row.gpu_count for row in fresh), field="replicas")
     with audit.chain_transaction():
-        host_memory.check_and_hold(deployment)  # stopped, it held none: take it again
-        updated = Deployment.objects.filter(
-            pk=deployment.pk,
-            generation=deployment.generation,
-            state=deployment.state,
-            delete_requested_at__isnull=True,  # being deleted: nothing to restart
+        for row, planned in zip(rows, fresh, strict=True):
+            restart_row(user, row, planned)
+
+
+def restart_row(user: Any, row: Deployment, fresh: Deployment) -> None:
+    """One replica's new generation from its re-validated request (inside a transaction)."""
+    host_memory.check_and_hold(row)  # stopped, it held none: take it again
+    updated = Deployment.objects.filter(
+        pk=row.pk,
+        generation=row.generation,
+        state=row.state,
+        delete_requested_at__isnull=True,  # being deleted: nothing to restart
+    )
+    if not updated.update(
+        plan=fresh.plan,
+        gpu_count=fresh.gpu_count,
+        host_memory_bytes=fresh.host_memory_bytes,
+        stall_timeout_s=fresh.stall_timeout_s,
+        health_start_period_s=fresh.health_start_period_s,
+        engine_ready_timeout_s=fresh.engine_ready_timeout_s,
+        generation=row.generation + 1,
+        container_id="",
+        last_error="",
+        diagnosis=[],
+        logs_read_until=0,
+        log_tail=[],
+        restart_count=0,
+    ):
+        raise ValidationError(
+            {"state": "the deployment changed meanwhile (or is being deleted); reload the page"}
         )
-        if not updated.update(
-            plan=fresh.plan,
-            gpu_count=fresh.gpu_count,
-            stall_timeout_s=fresh.stall_timeout_s,
-            health_start_period_s=fresh.health_start_period_s,
-            engine_ready_timeout_s=fresh.engine_ready_timeout_s,
-            generation=deployment.generation + 1,
-            container_id="",
-            last_error="",
-            diagnosis=[],
-            logs_read_until=0,
-            log_tail=[],
-            restart_count=0,
-        ):
-            raise ValidationError(
-                {"state": "the deployment changed meanwhile (or is being deleted); reload the page"}
-            )
-        deployment.generation += 1
-        audit.record(
-            Action.DEPLOYMENT_RESTART_REQUESTED,
-            target=deployment,
-            actor=user,
-            generation=deployment.generation,
-        )
-        deployment.transition(State.QUEUED, message=f"generation {deployment.generation} queued")
-        enqueue_launch(deployment)
+    row.generation += 1
+    row.host_memory_bytes = fresh.host_memory_bytes
+    audit.record(
+        Action.DEPLOYMENT_RESTART_REQUESTED,
+        target=row,
+        actor=user,
+        generation=row.generation,
+    )
+    row.transition(State.QUEUED, message=f"generation {row.generation} queued")
+    enqueue_launch(row)
+
+
+def _queued_message(row: Deployment, count: int) -> str:
+    where = f"queued on {row.host.queue_name}"
+    return where if count == 1 else f"replica {row.replica_index + 1} of {count} {where}"
 
 
 def _summary(deployment: Deployment, data: DeployRequest) -> dict[str, Any]:

@@ -45,10 +45,11 @@ class DeployRequest:
 
     team: Team
     model: Any  # models_registry.Model
-    host: Any  # gpus.Host
+    host: Any  # gpus.Host; None: placement chooses a host for each replica
     image: EngineImage
     name: str
     gpu_count: int | None = None  # None: the planner chooses (the smallest TP that fits)
+    replicas: int = 1
     engine_args: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     override_reason: str = ""  # admins only: launch although the plan does not fit
@@ -198,7 +199,7 @@ def _gpus_and_plan(
             reasons=list(result.reasons)[-3:],
         )
     tp = result.tensor_parallel_size or data.gpu_count or result.per_gpu_tensor_parallel_size or 1
-    _check_team_quota(data.team, tp, exclude=data.replaces)
+    check_team_quota(data.team, tp, exclude=data.replaces)
     stored = StoredPlan.from_plan(
         result,
         gpu_memory_utilization=args.gpu_memory_utilization
@@ -212,14 +213,16 @@ def _gpus_and_plan(
     return tp, stored.to_json(), timers
 
 
-def _check_team_quota(team: Team, wanted: int, *, exclude: int | None = None) -> None:
+def check_team_quota(
+    team: Team, wanted: int, *, exclude: int | None = None, field: str = "gpu_count"
+) -> None:
     """Refuse a plan the team's GPU quota cannot hold (checked again when reserving)."""
     if team.gpu_quota is not None:
         in_use = team_gpus_in_use(team.pk, exclude_deployment=exclude)
         if in_use + wanted > team.gpu_quota:
             raise ValidationError(
                 {
-                    "gpu_count": f"quota exceeded: team {team.slug} uses {in_use} of "
+                    field: f"quota exceeded: team {team.slug} uses {in_use} of "
                     f"{team.gpu_quota} GPUs and this plan needs {wanted}"
                 }
             )

@@ -181,7 +181,7 @@ def _backend(deployment: Deployment, loading_since: Any) -> Backend:
     )
     return Backend(
         deployment_id=deployment.pk,
-        replica=0,
+        replica=deployment.replica_index,
         name=deployment.name,
         state=deployment.state,
         url=url,

@@ -23,17 +23,49 @@ def memory_needed_mib(deployment: Deployment) -> int:
 def choose_gpus(deployment: Deployment) -> tuple[list[Any], str]:
     """The GPUs to reserve, or ``([], why not)`` with the reason for every GPU refused.
     Only GPUs a source reported can be returned (selection never invents an index)."""
-    host = deployment.host
-    rows = {gpu.uuid: gpu for gpu in host.gpus.select_related("host")}
-    allocated = set(
-        GpuAllocation.objects.filter(active=True, gpu__host=host)
-        .exclude(deployment=deployment)
-        .values_list("gpu__uuid", flat=True)
+    chosen, why_not = _select_on(
+        deployment.host,
+        Need(count=deployment.gpu_count, memory_mib=memory_needed_mib(deployment)),
+        exclude_deployment=deployment.pk,
     )
+    return chosen, why_not
+
+
+def replica_slots(
+    deployment: Deployment, *, limit: int, taken: frozenset[str] = frozenset()
+) -> tuple[list[list[Any]], str]:
+    """How many replicas like ``deployment`` (unsaved: its host, GPU count and plan) its host
+    can take now, each on GPUs of its own, up to ``limit``: the GPU sets, and why not more.
+    The launch chooses again on the host (readings move); this is the request's check."""
+    need = Need(count=deployment.gpu_count, memory_mib=memory_needed_mib(deployment))
+    slots: list[list[Any]] = []
+    used = set(taken)
+    why_not = ""
+    while len(slots) < limit:
+        chosen, why_not = _select_on(deployment.host, need, also_allocated=used)
+        if not chosen:
+            break
+        slots.append(chosen)
+        used.update(gpu.uuid for gpu in chosen)
+    return slots, why_not
+
+
+def _select_on(
+    host: Any,
+    need: Need,
+    *,
+    exclude_deployment: int | None = None,
+    also_allocated: set[str] | frozenset[str] = frozenset(),
+) -> tuple[list[Any], str]:
+    rows = {gpu.uuid: gpu for gpu in host.gpus.select_related("host")}
+    held = GpuAllocation.objects.filter(active=True, gpu__host=host)
+    if exclude_deployment is not None:
+        held = held.exclude(deployment_id=exclude_deployment)
+    allocated = set(held.values_list("gpu__uuid", flat=True)) | set(also_allocated)
     now = timezone.now()
     selection = select_gpus(
         [gpu_state(gpu) for gpu in rows.values()],
-        Need(count=deployment.gpu_count, memory_mib=memory_needed_mib(deployment)),
+        need,
         policy(),
         now=now,
         allocated=allocated,

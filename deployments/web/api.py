@@ -32,6 +32,7 @@ from accounts.keys import KeyUser
 from accounts.models import slug_validator
 from core.contention import Contended
 from deployments import services
+from deployments.models import MAX_REPLICAS
 from deployments.web import api_deployments
 from deployments.web.api_door import error, principal
 from deployments.web.forms import ApiDeployForm, DeployForm
@@ -42,15 +43,16 @@ MAX_GPUS = DeployForm.base_fields["gpu_count"].max_value
 FIELDS: dict[str, str] = {
     "team": "the team's slug",
     "model": "the model's id (a whole number)",
-    "host": "the host's name",
+    "host": "the host's name, or null: Berth places each replica on an online host that fits",
     "image": "the allow-list entry's name (not an image reference)",
     "name": "1-64 lowercase letters, digits and hyphens",
     "gpu_count": f"a whole number 0-{MAX_GPUS}, or null for the planner's choice",
+    "replicas": f"a whole number 1-{MAX_REPLICAS} (default 1): engines behind the model's name",
     "engine_args": "an object of engine settings",
     "environment": 'an object of "NAME": "value" strings',
     "override_reason": "admins only: why to launch although the plan does not fit",
 }
-REQUIRED = ("team", "model", "host", "image", "name")
+REQUIRED = ("team", "model", "image", "name")
 
 
 class Refusal(Exception):
@@ -146,7 +148,7 @@ def attempted(document: dict[str, Any] | None) -> dict[str, str]:
         return {}
     return {
         key: str(document[key])[:64]
-        for key in ("team", "name", "model", "host", "image", "gpu_count")
+        for key in ("team", "name", "model", "host", "image", "gpu_count", "replicas")
         if key in document
     }
 
@@ -205,6 +207,8 @@ def _deploy_request(user: Any, document: dict[str, Any]) -> services.DeployReque
         errors["model"] = f"must be {FIELDS['model']}"
     if gpu_count is not None and type(gpu_count) is not int:  # bool is an int subclass
         errors["gpu_count"] = f"must be {FIELDS['gpu_count']}"
+    if "replicas" in document and type(document["replicas"]) is not int:
+        errors["replicas"] = f"must be {FIELDS['replicas']}"
     if errors:
         raise Refusal(errors)
     form = _bound_form(user, document)
@@ -216,6 +220,7 @@ def _deploy_request(user: Any, document: dict[str, Any]) -> services.DeployReque
         image=data["image"],
         name=_name(document["name"]),
         gpu_count=data.get("gpu_count"),
+        replicas=data.get("replicas") or 1,
         engine_args=document.get("engine_args", {}),
         environment=document.get("environment", {}),
         override_reason=document.get("override_reason", ""),

@@ -9,7 +9,7 @@ from django import forms
 
 from accounts.access import visible_teams
 from accounts.models import slug_validator
-from deployments.models import EngineImage
+from deployments.models import MAX_REPLICAS, EngineImage
 from deployments.planning import DEFAULT_GPU_MEMORY_UTILIZATION
 from deployments.runtime.engine_args import (
     DTYPES,
@@ -31,7 +31,19 @@ class DeployForm(forms.Form):
     )
     team = forms.ModelChoiceField(queryset=None, empty_label=None)
     model = forms.ModelChoiceField(queryset=None, help_text="Only models whose inspection passed")
-    host = forms.ModelChoiceField(queryset=None, empty_label=None)
+    host = forms.ModelChoiceField(
+        queryset=None,
+        required=False,
+        empty_label="Any host (Berth places each replica)",
+        help_text="Empty: each replica goes to an online host whose GPUs fit it, spread over hosts",
+    )
+    replicas = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_REPLICAS,
+        initial=1,
+        help_text="Engines serving this name behind the gateway, each on GPUs of its own",
+    )
     image = forms.ModelChoiceField(
         queryset=EngineImage.objects.filter(enabled=True), empty_label=None
     )
@@ -167,7 +179,7 @@ class ApiDeployForm(DeployForm):
     environment come as JSON objects, parsed by the same schema the deploy service applies."""
 
     NATURAL_KEYS = {"team": "slug", "host": "name", "image": "name"}
-    BOUND = ("team", "model", "host", "image", "name", "gpu_count")
+    BOUND = ("team", "model", "host", "image", "name", "gpu_count", "replicas")
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any):
         super().__init__(*args, user=user, **kwargs)

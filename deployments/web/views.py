@@ -407,6 +407,7 @@ def _deploy_request(form: DeployForm) -> services.DeployRequest:
         image=data["image"],
         name=data["name"],
         gpu_count=data.get("gpu_count"),
+        replicas=data.get("replicas") or 1,
         engine_args=form.engine_args(),
         environment=data["environment"],
         override_reason=data.get("override_reason") or "",
