@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import uuid
 from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
@@ -124,9 +125,18 @@ def _spread(options: list[_Option], count: int) -> list[Deployment]:
         if not open_:
             break
         best = min(open_, key=lambda o: (o.given, -(o.room - o.given), o.host.name))
-        chosen.append(copy.copy(best.row) if best.given else best.row)
+        chosen.append(_another(best.row) if best.given else best.row)
         best.given += 1
     return chosen
+
+
+def _another(row: Deployment) -> Deployment:
+    """A further replica like ``row`` on the same host: a row of its own, with its own public
+    id (a copy would share the first one's, and the database refuses the second insert)."""
+    clone = copy.copy(row)
+    clone.public_id = uuid.uuid4()
+    clone.plan = copy.deepcopy(row.plan)
+    return clone
 
 
 def _nowhere(refused: dict[str, tuple[ValidationError | None, str]], count: int) -> Exception:

@@ -55,6 +55,10 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
     def create() -> None:
         primary = None
         with audit.chain_transaction():
+            # The unique constraint holds per replica index: a name whose older deployment
+            # still runs only a further replica (its first failed) would pass it.
+            if Deployment.objects.active().filter(team=data.team, name=data.name).exists():
+                raise _already_deploying(data)
             for row in rows:
                 # A rolled-back attempt leaves the instance looking saved: start each afresh.
                 row.pk, row.state, row.replica_of = None, initial_state, primary
@@ -87,18 +91,22 @@ def request_deployment(user: Any, data: DeployRequest) -> Deployment:
         )
         raise
     except IntegrityError:
-        exc = AlreadyDeploying(
-            {
-                "name": f"team {data.team.slug} is already deploying or running {data.name}: "
-                "open it from the deployments list, or choose another name"
-            }
-        )
+        exc = _already_deploying(data)
         record_denied(user, exc, team=data.team, name=data.name)
         raise exc from None
-    except host_memory.HostMemoryFull as exc:
+    except (AlreadyDeploying, host_memory.HostMemoryFull) as exc:
         record_denied(user, exc, team=data.team, name=data.name)
         raise
     return deployment
+
+
+def _already_deploying(data: DeployRequest) -> AlreadyDeploying:
+    return AlreadyDeploying(
+        {
+            "name": f"team {data.team.slug} is already deploying or running {data.name}: "
+            "open it from the deployments list, or choose another name"
+        }
+    )
 
 
 def record_denied(

@@ -13,6 +13,8 @@ from datetime import timedelta
 from django.conf import settings
 from rq import get_current_job
 
+import audit
+from audit.actions import Action
 from core import naming
 from core.periodic import Scope, system_job
 from core.queues import enqueue, get_queue
@@ -28,7 +30,7 @@ LAUNCH_TIMEOUT_S = 900  # creating and starting a container; the load itself is 
 STOP_TIMEOUT_S = 600
 
 
-def _enqueue_for(deployment: Deployment, kind: str, timeout_s: int) -> str:
+def _enqueue_for(deployment: Deployment, kind: str, timeout_s: int, *extra: int) -> str:
     """Queue the ``kind`` job for the deployment's current generation on its host's queue (on
     commit), under the id reconcile looks for (``core.naming.deployment_job_id``)."""
     return enqueue(
@@ -36,6 +38,7 @@ def _enqueue_for(deployment: Deployment, kind: str, timeout_s: int) -> str:
         DEPLOYMENT_JOBS[kind],
         deployment.pk,
         deployment.generation,
+        *extra,
         job_id=naming.deployment_job_id(kind, deployment.pk, deployment.generation),
         job_timeout=timeout_s,
     )
@@ -50,13 +53,17 @@ def enqueue_stop(deployment: Deployment) -> str:
 
 
 def enqueue_delete(deployment: Deployment) -> str:
-    return _enqueue_for(deployment, "delete", STOP_TIMEOUT_S)
+    # The host travels with the job: a further replica's row goes with its first replica's
+    # (another host's agent may delete that one first), and its leftovers are still here.
+    return _enqueue_for(deployment, "delete", STOP_TIMEOUT_S, deployment.host_id)
 
 
 def resume(kind: str, deployment: Deployment) -> None:
     """Enqueue a deployment's lost ``launch``/``stop``/``watch`` job again (for reconcile)."""
     if kind == "watch":
         book_watch(deployment, delay_s=0)
+    elif kind == "delete":
+        enqueue_delete(deployment)
     else:
         _enqueue_for(deployment, kind, LAUNCH_TIMEOUT_S if kind == "launch" else STOP_TIMEOUT_S)
 
@@ -83,12 +90,29 @@ def watch_job(deployment_pk: int, generation: int) -> bool:
     return again
 
 
-def delete_job(deployment_pk: int, generation: int) -> str:
+def delete_job(deployment_pk: int, generation: int, host_pk: int | None = None) -> str:
     deployment = Deployment.objects.filter(pk=deployment_pk).select_related("host", "team").first()
     if deployment is None:
-        return "already deleted"
+        host = Host.objects.filter(pk=host_pk).first() if host_pk is not None else None
+        return "already deleted" if host is None else _remove_leftovers(host, deployment_pk)
     with EngineHost.of(deployment.host) as engine:
         return launcher.delete(engine, deployment, generation)
+
+
+def _remove_leftovers(host: Host, deployment_pk: int) -> str:
+    """A replica whose record its first replica's deletion took: its container and cache
+    volume on ``host`` go all the same (audited like a deletion)."""
+    with EngineHost.of(host) as engine:
+        removed, volume = launcher.remove_leftovers(engine, deployment_pk)
+    audit.record(
+        Action.DEPLOYMENT_DELETED,
+        host=host.name,
+        deployment=deployment_pk,
+        containers_removed=removed,
+        volume=volume,
+        reason="its record went with its first replica's",
+    )
+    return f"already deleted; removed {len(removed)} containers and the volume {volume}"
 
 
 def stop_job(deployment_pk: int, generation: int) -> str:

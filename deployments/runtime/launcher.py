@@ -548,13 +548,7 @@ def delete(engine: EngineHost, deployment: Deployment, generation: int) -> str:
     volume), then the record itself; only for a failed or stopped deployment."""
     if deployment.generation != generation or deployment.state not in (State.FAILED, State.STOPPED):
         return "nothing to do: the deployment was restarted meanwhile"
-    removed = []
-    for container in engine.containers():
-        if naming.deployment_of(container.labels) == str(deployment.pk):
-            container.remove(force=True)
-            removed.append(container.name)
-    volume_name = naming.cache_volume(deployment.pk, settings.BERTH_INSTANCE)
-    engine.remove_volume(volume_name)
+    removed, volume_name = remove_leftovers(engine, deployment.pk)
     with transaction.atomic():
         allocation.release(deployment, reason="deleted")
         audit.record(
@@ -570,3 +564,17 @@ def delete(engine: EngineHost, deployment: Deployment, generation: int) -> str:
         deployment.delete()
         publish(pk, "deleted")  # open pages say it was deleted, and by whom
     return "deleted"
+
+
+def remove_leftovers(engine: EngineHost, deployment_id: int) -> tuple[list[str], str]:
+    """Remove every container (any generation) and the cache volume of ``deployment_id`` on
+    the host; returns the containers' names and the volume's. Needs no record: a further
+    replica's row goes with its first replica's, perhaps before its own host's agent runs."""
+    removed = []
+    for container in engine.containers():
+        if naming.deployment_of(container.labels) == str(deployment_id):
+            container.remove(force=True)
+            removed.append(container.name)
+    volume_name = naming.cache_volume(deployment_id, settings.BERTH_INSTANCE)
+    engine.remove_volume(volume_name)
+    return removed, volume_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from django.utils import timezone
@@ -46,8 +47,15 @@ def replica_slots(
         if not chosen:
             break
         slots.append(chosen)
-        used.update(gpu.uuid for gpu in chosen)
+        used.update(gpu_key(gpu.uuid, gpu.index) for gpu in chosen)
     return slots, why_not
+
+
+def gpu_key(uuid: str, index: int) -> str:
+    """A GPU's identity on its host for selection: its UUID, or its index where the source
+    reported none (nvidia-smi queries without ``uuid``, such as the field guide's): keyed by
+    the empty UUID, every such GPU of a host would count as one."""
+    return uuid or f"index:{index}"
 
 
 def _select_on(
@@ -57,14 +65,15 @@ def _select_on(
     exclude_deployment: int | None = None,
     also_allocated: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[Any], str]:
-    rows = {gpu.uuid: gpu for gpu in host.gpus.select_related("host")}
+    rows = {gpu_key(gpu.uuid, gpu.index): gpu for gpu in host.gpus.select_related("host")}
     held = GpuAllocation.objects.filter(active=True, gpu__host=host)
     if exclude_deployment is not None:
         held = held.exclude(deployment_id=exclude_deployment)
-    allocated = set(held.values_list("gpu__uuid", flat=True)) | set(also_allocated)
+    allocated = {gpu_key(*pair) for pair in held.values_list("gpu__uuid", "gpu__index")}
+    allocated |= set(also_allocated)
     now = timezone.now()
     selection = select_gpus(
-        [gpu_state(gpu) for gpu in rows.values()],
+        [dataclasses.replace(gpu_state(gpu), uuid=key) for key, gpu in rows.items()],
         need,
         policy(),
         now=now,
