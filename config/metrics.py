@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hmac
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db.models import Count, Max, Sum
+from django.db.models import Max, Sum
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
@@ -35,6 +35,7 @@ from rq.job import Job
 from core.queues import DEFAULT_QUEUE, get_queue, redis_connection
 from deployments.models import Deployment
 from deployments.states import State
+from deployments.web import groups
 from gateway.models import UsageMinute
 from gpus.models import Gpu, Host
 
@@ -55,7 +56,7 @@ class BerthCollector(Collector):
         self.now = now or timezone.now()
 
     def collect(self) -> Iterator[Metric]:
-        yield self._deployments()
+        yield from self._deployments()
         yield from self._gpu_memory()
         yield from self._hosts()
         yield from self._jobs()
@@ -93,19 +94,27 @@ class BerthCollector(Collector):
         yield requests
         yield tokens
 
-    def _deployments(self) -> Metric:
-        family = GaugeMetricFamily(
-            "berth_deployments", "Deployments by lifecycle state.", labels=["state"]
+    def _deployments(self) -> Iterator[Metric]:
+        """Deployments once each, by the state their replicas show (one ready replica: ready);
+        replicas (engines) by their own state."""
+        deployments = GaugeMetricFamily(
+            "berth_deployments",
+            "Deployments by lifecycle state (a deployment with replicas: the state they show).",
+            labels=["state"],
         )
-        counts = dict(
-            Deployment.objects.order_by()
-            .values_list("state")
-            .annotate(n=Count("pk"))
-            .values_list("state", "n")
+        replicas = GaugeMetricFamily(
+            "berth_deployment_replicas",
+            "Deployments' replicas (one engine each) by lifecycle state.",
+            labels=["state"],
         )
+        rows = list(Deployment.objects.order_by().values_list("pk", "replica_of_id", "state"))
+        shown = groups.count_by_state(rows)
+        engines = Counter(state for _, _, state in rows)
         for state in State:
-            family.add_metric([state.value], counts.get(state.value, 0))
-        return family
+            deployments.add_metric([state.value], shown.get(state.value, 0))
+            replicas.add_metric([state.value], engines.get(state.value, 0))
+        yield deployments
+        yield replicas
 
     def _gpu_memory(self) -> Iterator[Metric]:
         by_owner = GaugeMetricFamily(

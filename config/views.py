@@ -17,7 +17,7 @@ from audit.models import AuditEvent
 from core.queues import redis_connection
 from deployments.models import Deployment
 from deployments.states import State
-from deployments.web import api_deployments
+from deployments.web import api_deployments, groups
 from gpus.models import Host
 from models_registry.models import Model
 
@@ -37,12 +37,19 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 
 def _operator_overview(user: Any) -> dict[str, Any]:
+    """Deployments counted once each (by the state their replicas show), the most recently
+    changed ones with their replicas summarised."""
     deployments = Deployment.objects.visible_to(user)
-    rows = deployments.order_by().values("state").annotate(n=Count("pk"))
-    by_state = {row["state"]: row["n"] for row in rows}
-    recent = deployments.select_related("team", "model", "host", "image").order_by("-updated")
+    rows = deployments.order_by().values_list("pk", "replica_of_id", "state")
+    by_state = groups.count_by_state(rows)
+    recent = list(
+        deployments.primaries()
+        .select_related("team", "model", "host", "image")
+        .order_by("-updated")[:RECENT_DEPLOYMENTS]
+    )
+    summaries = groups.summarise(recent)
     return {
-        "recent_deployments": recent[:RECENT_DEPLOYMENTS],
+        "recent_deployments": [(row, summaries[row.pk]) for row in recent],
         "gateway_base_url": api_deployments.gateway_base_url(),
         "deployment_states": [(s, s.label, by_state[s]) for s in State if by_state.get(s)],
         "model_count": Model.objects.visible_to(user).count(),

@@ -158,6 +158,7 @@ def model_usage(request: HttpRequest, pk: int) -> HttpResponse:
             "by_team": by_team,
             "days": USAGE_DAYS,
             "deployments": Deployment.objects.filter(model=model)
+            .primaries()  # deployments, not each replica (the usage above counts every replica)
             .select_related("team")
             .order_by("-created")[:20],
         },

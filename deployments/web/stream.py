@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import redis.asyncio
 from django.conf import settings
@@ -30,8 +30,11 @@ async def sse_events(
     render: Callable[[], Awaitable[str]],
     allowed: Callable[[], Awaitable[bool]],
     personalise: Callable[[str], str] = str,
+    *,
+    also: Sequence[int] = (),
 ) -> AsyncIterator[str]:
-    """``event: status`` with the freshly rendered status each time the deployment changes.
+    """``event: status`` with the freshly rendered status each time the deployment (or one of
+    the deployments in ``also``: its further replicas, whose states the status shows) changes.
     A render is shared by the viewers of a change; ``personalise`` puts in what is this
     viewer's own (the CSRF token of the status's forms).
 
@@ -44,7 +47,7 @@ async def sse_events(
     started = time.monotonic()
     try:
         # Subscribe before rendering the current state, so no change falls in between.
-        await pubsub.subscribe(channel(deployment_pk))
+        await pubsub.subscribe(*(channel(pk) for pk in (deployment_pk, *also)))
         yield _event(personalise(await render()), retry_ms=RETRY_MS)
         quiet_since = time.monotonic()
         while (left := MAX_LIFETIME_S - (time.monotonic() - started)) > 0:

@@ -25,14 +25,14 @@ from accounts.access import get_visible_or_404, role_required, visible_teams
 from accounts.models import Role, User
 from audit.actions import Action, Outcome
 from core.contention import Contended
-from deployments import services, sizing
-from deployments.models import Deployment
+from deployments import replicas, services, sizing
+from deployments.models import Deployment, GpuAllocation
 from deployments.progress import load_progress
 from deployments.runtime.engine_args import SchemaError, parse_engine_args
 from deployments.runtime.launch_spec import container_kwargs, docker_run_line
 from deployments.runtime.launcher import build_spec
-from deployments.states import ACTIVE, State
-from deployments.web import api_deployments, run_line
+from deployments.states import ACTIVE, TERMINAL, State
+from deployments.web import api_deployments, groups, run_line
 from deployments.web.deleted import Deleted, find_deleted
 from deployments.web.forms import DeployForm
 from deployments.web.stream import sse_events
@@ -51,18 +51,22 @@ SEGMENT_CLASSES = {
 
 @role_required(Role.MEMBER)
 def deployment_list(request: HttpRequest) -> HttpResponse:
-    """Newest first, a page at a time: at 500 deployments the whole table took 0.6 s to render
+    """One row per deployment (its replicas summarised: "2/3 ready" and their hosts), newest
+    first, a page at a time: at 500 deployments the whole table took 0.6 s to render
     (benchmarks/pages_at_scale.py); a page of 50 keeps it flat. The count is exact: a
     deployments table stays in the thousands, far from where COUNT(*) hurts."""
-    deployments = Deployment.objects.visible_to(request.user).select_related(
-        "team", "model", "host", "image"
+    deployments = (
+        Deployment.objects.visible_to(request.user)
+        .primaries()
+        .select_related("team", "model", "host", "image")
     )
     page = Paginator(deployments, DEPLOYMENTS_PER_PAGE).get_page(request.GET.get("page"))
+    summaries = groups.summarise(page.object_list)
     return render(
         request,
         "deployments/list.html",
         {
-            "deployments": page.object_list,
+            "deployments": [(row, summaries[row.pk]) for row in page.object_list],
             "page": page,
             "gateway_base_url": api_deployments.gateway_base_url(),
             "can_deploy": visible_teams(request.user).exists(),
@@ -102,7 +106,7 @@ def deploy(request: HttpRequest) -> HttpResponse:
         _add_errors(form, exc)
         status = 409 if isinstance(exc, services.AlreadyDeploying) else 200
         return render(request, "deployments/deploy.html", {"form": form}, status=status)
-    messages.success(request, f"Deployment {deployment.name} queued on {deployment.host.name}.")
+    messages.success(request, _queued_message(deployment))
     return redirect("deployment-detail", public_id=deployment.public_id)
 
 
@@ -114,16 +118,47 @@ def plan_preview(request: HttpRequest) -> HttpResponse:
     form = DeployForm(request.POST, user=request.user)
     form.is_valid()
     data = form.cleaned_data
-    if not all(data.get(key) for key in ("model", "host", "image")):
-        context = {"note": "Choose a model, a host and an image to see the plan."}
+    if not all(data.get(key) for key in ("model", "image")):
+        context = {"note": "Choose a model and an image to see the plan."}
         return render(request, "deployments/deploy.html#plan", context)
     try:
         args = parse_engine_args(form.engine_args())
     except SchemaError as exc:
         return render(request, "deployments/deploy.html#plan", {"error": str(exc)})
-    context = _preview(data, args)
+    count = data.get("replicas") or 1
+    if data.get("host"):
+        context = _preview(data, args)
+        if count > 1:
+            context["placement"] = (
+                f"{count} replicas on {data['host'].name}, each on GPUs of its own "
+                "(refused when the host has room for fewer)."
+            )
+    else:
+        context = _preview_anywhere(data, args, count)
     context["common"] = sizing.on_common_gpus(data["model"], args)
     return render(request, "deployments/deploy.html#plan", context)
+
+
+def _preview_anywhere(data: dict[str, Any], args: Any, count: int) -> dict[str, Any]:
+    """No host chosen: the plan on each host placement may choose, each replica being planned
+    again for the host it lands on; the full plan shown is the first fitting host's."""
+    hosts = replicas.candidate_hosts()
+    what = "the deployment" if count == 1 else f"each of the {count} replicas"
+    if not hosts:
+        return {
+            "error": "No host is online to place the deployment on: start a host's agent "
+            "(manage.py berth_agent) or choose a host."
+        }
+    verdicts = [{"host": host, **_preview({**data, "host": host}, args)} for host in hosts]
+    shown = next((v for v in verdicts if v.get("plan") and v["plan"].fits), None)
+    shown = shown or next((v for v in verdicts if v.get("plan")), None) or {}
+    return {
+        **{key: shown[key] for key in ("plan", "bars") if key in shown},
+        "plan_host": shown.get("host"),
+        "host_verdicts": verdicts,
+        "placement": f"Any host: Berth plans {what} again for the host it lands on, "
+        "spread over the online hosts below whose GPUs fit.",
+    }
 
 
 def _preview(data: dict[str, Any], args: Any) -> dict[str, Any]:
@@ -177,6 +212,8 @@ async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> Strea
     if user.role not in (Role.MEMBER, Role.ADMIN) or not user.is_active:
         raise PermissionDenied("Your role does not give access to this page.")
     deployment = await sync_to_async(_load)(request, public_id)
+    # The first replica's page shows every replica's state: it follows all their changes.
+    replica_pks = await sync_to_async(_replica_pks)(deployment)
     # A stream stays open for minutes: give back this request's database connection now rather
     # than hold one per viewer (PostgreSQL refuses clients past max_connections).
     await sync_to_async(_release_connections)()
@@ -189,7 +226,9 @@ async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> Strea
     def render_status() -> str:
         try:
             fresh = (
-                Deployment.objects.select_related("team", "model__mount", "host", "image")
+                Deployment.objects.select_related(
+                    "team", "model__mount", "host", "image", "replica_of__team"
+                )
                 .filter(pk=deployment.pk)
                 .first()
             )
@@ -214,12 +253,20 @@ async def deployment_stream(request: HttpRequest, public_id: uuid.UUID) -> Strea
             render_status,
             still_allowed,
             lambda html: html.replace(CSRF_SLOT, token),
+            also=replica_pks,
         ),
         content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+def _replica_pks(deployment: Deployment) -> list[int]:
+    """The further replicas' pks of a deployment's first replica (none for a further one)."""
+    if deployment.is_replica:
+        return []
+    return list(deployment.group().exclude(pk=deployment.pk).values_list("pk", flat=True))
 
 
 def _stream_allowed(session_key: str | None, user_pk: int, deployment_pk: int) -> bool:
@@ -241,29 +288,37 @@ def _stream_allowed(session_key: str | None, user_pk: int, deployment_pk: int) -
 @require_POST
 @role_required(Role.MEMBER)
 def stop(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
-    deployment = _load(request, public_id, Action.DEPLOYMENT_STOP_REQUESTED)
-    return _act(request, deployment, services.request_stop, lambda: f"Stopping {deployment.name}.")
-
-
-@require_POST
-@role_required(Role.MEMBER)
-def restart(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
-    deployment = _load(request, public_id, Action.DEPLOYMENT_RESTART_REQUESTED)
+    action = Action.DEPLOYMENT_STOP_REQUESTED
+    deployment = _load(request, public_id, action)
     return _act(
-        request,
-        deployment,
-        services.request_restart,
-        lambda: f"Generation {deployment.generation} of {deployment.name} queued.",
+        request, deployment, action, services.request_stop, lambda: f"Stopping {deployment.name}."
     )
 
 
 @require_POST
 @role_required(Role.MEMBER)
+def restart(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
+    action = Action.DEPLOYMENT_RESTART_REQUESTED
+    deployment = _load(request, public_id, action)
+    ended = [row.pk for row in deployment.group() if row.state in TERMINAL]
+
+    def done() -> str:
+        if deployment.replicas == 1:
+            return f"Generation {deployment.generation} of {deployment.name} queued."
+        return f"{deployment.name}: {len(ended)} of {deployment.replicas} replicas queued again."
+
+    return _act(request, deployment, action, services.request_restart, done)
+
+
+@require_POST
+@role_required(Role.MEMBER)
 def delete(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
-    deployment = _load(request, public_id, Action.DEPLOYMENT_DELETE_REQUESTED)
+    action = Action.DEPLOYMENT_DELETE_REQUESTED
+    deployment = _load(request, public_id, action)
     return _act(
         request,
         deployment,
+        action,
         services.request_delete,
         lambda: f"Deleting {deployment.name}: its cache volume is removed, then the record.",
         then="deployments-index",
@@ -273,13 +328,17 @@ def delete(request: HttpRequest, public_id: uuid.UUID) -> HttpResponse:
 def _act(
     request: HttpRequest,
     deployment: Deployment,
+    action: Action,
     service: Callable[[Any, Deployment], None],
     done: Callable[[], str],
     then: str = "deployment-detail",
 ) -> HttpResponse:
-    """Run an action. From the page (htmx) the answer is a notice beside the status, which the
+    """Run an action on a whole deployment (a further replica's own address refuses, naming
+    the deployment). From the page (htmx) the answer is a notice beside the status, which the
     stream updates; without JavaScript, a message and a redirect."""
     try:
+        if deployment.is_replica:
+            raise groups.refuse_replica_action(request.user, deployment, action)
         service(request.user, deployment)
     except ValidationError as exc:
         text, ok = " ".join(exc.messages), False
@@ -297,7 +356,9 @@ def _act(
 def _load(request: HttpRequest, public_id: uuid.UUID, action: Action | None = None) -> Deployment:
     """The deployment if this user may see it, else 404 — for another team's deployment too.
     An action attempted on another team's deployment is audited as ``denied``."""
-    queryset = Deployment.objects.select_related("team", "model__mount", "host", "image")
+    queryset = Deployment.objects.select_related(
+        "team", "model__mount", "host", "image", "replica_of__team"
+    )
     try:
         return get_visible_or_404(queryset, request.user, public_id=public_id)
     except Http404:
@@ -315,13 +376,17 @@ def _load(request: HttpRequest, public_id: uuid.UUID, action: Action | None = No
 
 def _status_context(deployment: Deployment) -> dict:
     """What the live status shows (the partial pushed over SSE and polled): never the container
-    spec — the published port it shows is the stored ``host_port``."""
+    spec — the published port it shows is the stored ``host_port``. A deployment's first
+    replica also shows every replica, and its actions follow all of them (as the services
+    act): Stop while any runs, Restart while any has failed or stopped, Delete once all have."""
     allocations = list(
         deployment.allocations.filter(generation=deployment.generation).select_related("gpu")
     )
     events = list(deployment.events.filter(generation=deployment.generation).order_by("time", "id"))
-    deleting = deployment.delete_requested_at is not None
-    ended = deployment.state in (State.FAILED, State.STOPPED)
+    rows = _group_rows(deployment)
+    states = [row.state for row in rows]
+    deleting = any(row.delete_requested_at is not None for row in rows)
+    acts = not deployment.is_replica
     return {
         "gpu_memory": [_memory_bar(a.gpu) for a in allocations if a.active],
         "deployment": deployment,
@@ -335,10 +400,43 @@ def _status_context(deployment: Deployment) -> dict:
         if deployment.generation == 1 or not events
         else events[0].time,
         "deleting": deleting,
-        "can_stop": deployment.state in ACTIVE - {State.STOPPING},
-        "can_restart": ended and not deleting,
-        "can_delete": ended and not deleting,
+        "replicas": groups.of_rows(rows),
+        "replica_rows": _replica_rows(rows) if len(rows) > 1 else [],
+        "can_stop": acts and any(state in ACTIVE - {State.STOPPING} for state in states),
+        "can_restart": acts and not deleting and any(state in TERMINAL for state in states),
+        "can_delete": acts and not deleting and all(state in TERMINAL for state in states),
     }
+
+
+def _group_rows(deployment: Deployment) -> list[Deployment]:
+    """Every replica's row of a deployment's first replica, this instance in its place; a
+    further replica's page is about that replica alone."""
+    if deployment.is_replica:
+        return [deployment]
+    rows = deployment.group().select_related("host")
+    return [deployment if row.pk == deployment.pk else row for row in rows]
+
+
+def _replica_rows(rows: list[Deployment]) -> list[dict[str, Any]]:
+    """Each replica with the GPUs its current generation holds (one query)."""
+    held: dict[int, list[Any]] = {row.pk: [] for row in rows}
+    generations = {row.pk: row.generation for row in rows}
+    allocations = GpuAllocation.objects.filter(deployment__in=rows, active=True).select_related(
+        "gpu"
+    )
+    for allocation in allocations.order_by("gpu__index"):
+        if allocation.generation == generations[allocation.deployment_id]:
+            held[allocation.deployment_id].append(allocation.gpu)
+    return [{"row": row, "number": row.replica_index + 1, "gpus": held[row.pk]} for row in rows]
+
+
+def _queued_message(deployment: Deployment) -> str:
+    """Where the request's replicas were queued, for the page it leads to."""
+    rows = list(deployment.group().select_related("host"))
+    if len(rows) == 1:
+        return f"Deployment {deployment.name} queued on {deployment.host.name}."
+    hosts = groups.of_rows(rows).hosts_text
+    return f"Deployment {deployment.name}: {len(rows)} replicas queued on {hosts}."
 
 
 def _detail_context(deployment: Deployment) -> dict:
