@@ -57,20 +57,28 @@ class TeamAdmin(admin.ModelAdmin):
     search_fields = ["name", "slug"]
     inlines = [MembershipInline]
 
-    list_display = ["name", "slug", "gpu_quota", "created"]
+    list_display = ["name", "slug", "gpu_quota", "host_memory_quota_gib", "created"]
 
     def save_model(self, request: Any, obj: Team, form: Any, change: bool) -> None:
-        old_quota = (
-            Team.objects.filter(pk=obj.pk).values_list("gpu_quota", flat=True).first()
+        old_quota, old_memory = (
+            Team.objects.filter(pk=obj.pk).values_list("gpu_quota", "host_memory_quota_gib").first()
             if change
             else None
-        )
+        ) or (None, None)
         super().save_model(request, obj, form, change)
         if not change:
             audit.record(Action.TEAM_CREATED, target=obj, team=obj, slug=obj.slug, name=obj.name)
         elif old_quota != obj.gpu_quota:
             audit.record(
                 Action.TEAM_QUOTA_CHANGED, target=obj, team=obj, old=old_quota, new=obj.gpu_quota
+            )
+        if change and old_memory != obj.host_memory_quota_gib:
+            audit.record(
+                Action.TEAM_MEMORY_QUOTA_CHANGED,
+                target=obj,
+                team=obj,
+                old=old_memory,
+                new=obj.host_memory_quota_gib,
             )
 
     def save_formset(self, request: Any, form: Any, formset: Any, change: bool) -> None:

@@ -78,6 +78,12 @@ class Team(models.Model):
         blank=True,
         help_text="GPUs the team's deployments may hold at once (empty: no limit)",
     )
+    host_memory_quota_gib = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="GiB of host memory the team's CPU engines may hold at once, the CPU "
+        "counterpart of the GPU quota (empty: no limit)",
+    )
     monthly_token_budget = models.PositiveBigIntegerField(
         null=True,
         blank=True,

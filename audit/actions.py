@@ -20,6 +20,7 @@ class Action(models.TextChoices):
     TEAM_MEMBER_REMOVED = "team.member_removed", "Team member removed"
     TEAM_QUOTA_CHANGED = "team.quota_changed", "Team GPU quota changed"
     TEAM_BUDGET_CHANGED = "team.budget_changed", "Team monthly token budget changed"
+    TEAM_MEMORY_QUOTA_CHANGED = "team.memory_quota_changed", "Team host memory quota changed"
     API_KEY_CREATED = "apikey.created", "API key created"
     API_KEY_ROTATED = "apikey.rotated", "API key rotated"
     API_KEY_REVOKED = "apikey.revoked", "API key revoked"
@@ -63,6 +64,15 @@ class Action(models.TextChoices):
     DEPLOYMENT_LAUNCH_REFUSED = (
         "deployment.launch_refused",
         "Launch refused: the request no longer passes the rules",
+    )
+    DEPLOYMENT_SCALED = "deployment.scaled", "Replicas changed by the scaler"
+    DEPLOYMENT_SCALE_BLOCKED = (
+        "deployment.scale_blocked",
+        "Scale-up or wake blocked (quota, GPUs or host memory)",
+    )
+    DEPLOYMENT_SCALING_POLICY_CHANGED = (
+        "deployment.scaling_policy_changed",
+        "Scaling policy changed",
     )
     ENGINE_IMAGE_SAVED = "image.saved", "Engine image allow-list changed"
     GC_RAN = "gc.ran", "Garbage collection ran"

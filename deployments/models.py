@@ -26,7 +26,7 @@ from core import naming
 from deployments.changes import publish
 from deployments.planning.cpu import CpuPlan
 from deployments.planning.stored import StoredPlan
-from deployments.states import ACTIVE, State, check_transition
+from deployments.states import ACTIVE, NAMED, State, check_transition
 
 # repository[:tag][@sha256:<64 hex>] — Docker's reference grammar, narrowed: lowercase
 # repository path (optionally a registry host:port first), tag, digest. No whitespace, newline or
@@ -127,6 +127,14 @@ class DeploymentQuerySet(TeamOwnedQuerySet):
 
 
 MAX_REPLICAS = 16
+# Scaling policy defaults: scale up once each ready replica has 2 requests waiting in vLLM's own
+# queue (or 80 % of its KV cache is used) for 30 s; down after 5 calm minutes; to zero after
+# 15 minutes without a request (when the minimum is 0).
+DEFAULT_TARGET_WAITING = 2.0
+DEFAULT_TARGET_KV_CACHE = 0.8
+DEFAULT_SCALE_UP_WINDOW_S = 30
+DEFAULT_SCALE_DOWN_WINDOW_S = 300
+DEFAULT_IDLE_AFTER_S = 900
 
 
 class Deployment(models.Model):
@@ -191,6 +199,27 @@ class Deployment(models.Model):
     # until then the deployment is shown as being deleted and cannot be restarted.
     delete_requested_at = models.DateTimeField(null=True, blank=True)
 
+    # --- The scaling policy (on the first replica's row; ``deployments.scaling``) -------------
+    # Off: ``replicas`` is what people asked for. On: the scaler keeps ``replicas`` between the
+    # bounds from the engines' own load, and at 0 the deployment is ``idle`` until a request.
+    autoscale = models.BooleanField(default=False)
+    min_replicas = models.PositiveSmallIntegerField(default=1)
+    max_replicas = models.PositiveSmallIntegerField(default=1)
+    # Targets in vLLM's own terms (its /metrics): requests waiting per ready replica, and the
+    # mean share of the KV cache in use (0-1).
+    target_waiting = models.FloatField(default=DEFAULT_TARGET_WAITING)
+    target_kv_cache = models.FloatField(default=DEFAULT_TARGET_KV_CACHE)
+    scale_up_window_s = models.PositiveIntegerField(default=DEFAULT_SCALE_UP_WINDOW_S)
+    scale_down_window_s = models.PositiveIntegerField(default=DEFAULT_SCALE_DOWN_WINDOW_S)
+    # With min_replicas 0: no request for this long, and nothing running, takes it to idle.
+    idle_after_s = models.PositiveIntegerField(default=DEFAULT_IDLE_AFTER_S)
+    # The scaler's memory between ticks (since when pressure or calm was seen).
+    scaler_state = models.JSONField(default=dict, blank=True)
+    # Why the last scale-up or wake could not be made ("" once one succeeds): shown on the page
+    # and in the gateway's answers to the requests waiting for it.
+    scaling_blocked = models.CharField(max_length=500, blank=True)
+    woken_at = models.DateTimeField(null=True, blank=True)  # the last wake's first request
+
     objects = DeploymentQuerySet.as_manager()
 
     class Meta:
@@ -203,8 +232,13 @@ class Deployment(models.Model):
             ),
             models.UniqueConstraint(
                 fields=["team", "name", "replica_index"],
-                condition=Q(state__in=sorted(ACTIVE)),
+                condition=Q(state__in=sorted(NAMED)),
                 name="deployment_active_name_unique",
+            ),
+            models.CheckConstraint(
+                condition=Q(min_replicas__lte=models.F("max_replicas"), max_replicas__gte=1)
+                & Q(max_replicas__lte=MAX_REPLICAS),
+                name="deployment_scaling_bounds",
             ),
             models.CheckConstraint(
                 condition=Q(replica_of__isnull=True, replica_index=0)
@@ -323,6 +357,30 @@ class DeploymentEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment_id} {self.kind}: {self.message[:60]}"
+
+
+class ScalingSample(models.Model):
+    """One look of the scaler at a deployment: the replicas it wanted and had, and the load
+    that drove it (for the page's chart; kept ``deployments.scaling.SAMPLES_KEPT``)."""
+
+    deployment = models.ForeignKey(
+        Deployment, on_delete=models.CASCADE, related_name="scaling_samples"
+    )
+    time = models.DateTimeField(default=timezone.now)
+    desired = models.PositiveSmallIntegerField()
+    ready = models.PositiveSmallIntegerField()
+    starting = models.PositiveSmallIntegerField(default=0)
+    waiting = models.FloatField(default=0)  # in the engines' own queues, all replicas
+    running = models.FloatField(default=0)
+    queued = models.PositiveIntegerField(default=0)  # held or queued in the gateways
+    kv_cache = models.FloatField(null=True, blank=True)  # mean over ready replicas, 0-1
+
+    class Meta:
+        ordering = ["time", "id"]
+        indexes = [models.Index(fields=["deployment", "time"], name="scaling_sample_time_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} {self.time:%H:%M:%S} {self.ready}/{self.desired}"
 
 
 class GpuAllocation(models.Model):

@@ -3,9 +3,14 @@
     pending → queued → launching → loading → ready
                  ↘         ↘          ↘        ↘ unhealthy ⇄ ready
                   failed ← (any running state) ; stopping → stopped
+                                                  stopping → idle → queued (woken)
+                                                                  ↘ stopped
 
 ``failed`` and ``stopped`` are terminal for a generation; a restart starts a new generation
-at ``queued``.
+at ``queued``. ``idle`` is a deployment its scaler took to zero replicas (``deployments.scaling``):
+its first replica's container is stopped and its GPUs or host memory released, but the gateway
+still routes its name, and the first request wakes it (a new generation at ``queued``). A user's
+stop takes an idle deployment straight to ``stopped``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class State(models.TextChoices):
     FAILED = "failed", "Failed"
     STOPPING = "stopping", "Stopping"
     STOPPED = "stopped", "Stopped"
+    IDLE = "idle", "Idle"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -32,7 +38,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.LOADING: frozenset({State.READY, State.FAILED, State.STOPPING}),
     State.READY: frozenset({State.UNHEALTHY, State.FAILED, State.STOPPING}),
     State.UNHEALTHY: frozenset({State.READY, State.FAILED, State.STOPPING}),
-    State.STOPPING: frozenset({State.STOPPED, State.FAILED}),
+    State.STOPPING: frozenset({State.STOPPED, State.FAILED, State.IDLE}),
+    State.IDLE: frozenset({State.QUEUED, State.STOPPED}),  # woken, or stopped by a user
     State.FAILED: frozenset({State.QUEUED}),  # restart: a new generation
     State.STOPPED: frozenset({State.QUEUED}),  # restart: a new generation
 }
@@ -41,6 +48,9 @@ ACTIVE = frozenset(
     {State.QUEUED, State.LAUNCHING, State.LOADING, State.READY, State.UNHEALTHY, State.STOPPING}
 )
 """States in which a deployment holds GPUs."""
+
+NAMED = ACTIVE | {State.IDLE}
+"""States in which a deployment owns its name (the gateway routes it; no other may take it)."""
 
 TERMINAL = frozenset({State.FAILED, State.STOPPED})
 
