@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from accounts.models import Team
@@ -162,6 +163,44 @@ def serve(
         built.host_port = port
     walk(built, state)
     return built
+
+
+def serve_replicas(
+    user: Any, team: Team, host: Host, root: Any, name: str, upstreams: list[Upstream]
+) -> list[Deployment]:
+    """A deployment of ``team`` with one replica per upstream, requested as people request it
+    (``services.request_deployment(replicas=N)``, the stand-in image without GPUs on ``host``),
+    each replica's row answering on its own upstream's port; the rows stay ``queued`` (walk
+    each one on). Its launch jobs wait on the host's queue, which no worker serves here."""
+    from deployments import services
+    from deployments.models import EngineImage
+    from deployments.validation import DeployRequest
+    from tests.model_dirs import write_model
+
+    write_model(Path(root) / team.slug / name)
+    image, _ = EngineImage.objects.get_or_create(
+        name="stand-in",
+        defaults={
+            "reference": "berth-test/engine:stand-in",
+            "gpu_capable": False,
+            "cpu_capable": True,
+            "is_stand_in": True,
+        },
+    )
+    request = DeployRequest(
+        team=team,
+        model=registered_model(team, root, name=name),
+        host=host,
+        image=image,
+        name=name,
+        gpu_count=0,
+        replicas=len(upstreams),
+    )
+    rows = list(services.request_deployment(user, request).group())
+    for row, upstream in zip(rows, upstreams, strict=True):
+        Deployment.objects.filter(pk=row.pk).update(host_port=upstream.port)
+        row.host_port = upstream.port
+    return rows
 
 
 def walk(built: Deployment, state: State) -> None:
