@@ -30,7 +30,7 @@ READY_S = 60_000
 NOT_RELOADED = "() => { window.__samePage = true; }"
 
 
-def _deploy(demo_console: Host) -> Deployment:
+def _deploy(demo_console: Host, replicas: int = 1) -> Deployment:
     """What the deploy form sends for the demo model on the stand-in engine, with 0 GPUs."""
     member = User.objects.get(username="demo")
     team = Team.objects.get(slug="demo")
@@ -42,6 +42,7 @@ def _deploy(demo_console: Host) -> Deployment:
         image=EngineImage.objects.get(name="stand-in"),
         name="tiny-chat",
         gpu_count=0,
+        replicas=replicas,
         engine_args={"max_model_len": 2048},
     )
     return services.request_deployment(member, request)
@@ -95,3 +96,39 @@ def test_stop_restart_delete_follow_the_pushed_state_without_a_reload(
         page.goto("/deployments/")
         expect(page.get_by_text("tiny-chat")).to_have_count(0)
     assert not Deployment.objects.filter(pk=deployment.pk).exists()
+
+
+def test_the_replicas_table_follows_each_replica_and_links_its_own_page(
+    browser: Any, console_url: str, demo_console: Host
+) -> None:
+    """Two replicas on the demo host: both rows reach ready and stop with the pushes (each
+    replica publishes on its own channel; the first replica's page follows them all)."""
+    deployment = _deploy(demo_console, replicas=2)
+    member = User.objects.get(username="demo")
+    with signed_in_page(browser, console_url, member, name="live-replicas") as page:
+        page.goto(f"/deployments/{deployment.public_id}/")
+        page.evaluate(NOT_RELOADED)
+        rows = page.locator("table.replicas tbody tr")
+        states = page.locator("table.replicas [data-replica-state]")
+        actions = page.get_by_role("group", name="Actions")
+        expect(rows).to_have_count(2)
+        for index in range(2):
+            expect(states.nth(index)).to_have_attribute(
+                "data-replica-state", "ready", timeout=READY_S
+            )
+        expect(page.locator(".replica-count")).to_have_text("2/2 ready")
+        expect(actions.get_by_role("button")).to_have_text(["Stop"])
+
+        actions.get_by_role("button", name="Stop").click()
+        for index in range(2):
+            expect(states.nth(index)).to_have_attribute(
+                "data-replica-state", "stopped", timeout=READY_S
+            )
+        expect(actions.get_by_role("button", name="Restart")).to_be_visible()
+        expect(actions.get_by_text("Delete…")).to_be_visible()
+        assert page.evaluate("window.__samePage") is True  # every step arrived pushed
+
+        rows.nth(1).get_by_role("link").click()
+        expect(page.get_by_text("This is replica 2 of")).to_be_visible()
+        expect(page.locator("#status [data-state]")).to_have_attribute("data-state", "stopped")
+        expect(page.get_by_role("group", name="Actions").get_by_role("button")).to_have_count(0)
