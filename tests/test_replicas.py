@@ -119,6 +119,13 @@ def queued_ids(*hosts: Host) -> dict[str, list[str]]:
     return {host.name: get_queue(host.queue_name).job_ids for host in hosts}
 
 
+def run_queued(queue: Any, job_id: str) -> Any:
+    """Run a queued job's function with the arguments it was enqueued with (as its worker
+    would, in this process: the test's database connection stays open)."""
+    job = queue.fetch_job(job_id)
+    return job.func(*job.args, **job.kwargs)
+
+
 def hold(row: Deployment) -> list[Any]:
     """The launch's own GPU reservation for ``row`` (``launcher._hold_gpus``): chosen on its
     host from the stored readings and inserted under the partial unique constraint."""
@@ -478,7 +485,7 @@ def test_each_replica_launches_and_is_watched_on_its_own_row(
         assert queue.job_ids == [f"delete-{rows[1].pk}-1", f"delete-{rows[0].pk}-1"]
         # The worst order two hosts' agents can run the deletes in: the first replica's (its
         # row takes the others' with it) before the second's.
-        results = [queue.fetch_job(f"delete-{row.pk}-1").perform() for row in rows]
+        results = [run_queued(queue, f"delete-{row.pk}-1") for row in rows]
         assert results[0] == "deleted"
         assert results[1].startswith("already deleted; removed 0 containers and the volume")
         assert not Deployment.objects.filter(pk__in=pks).exists()
@@ -512,3 +519,56 @@ def test_reconcile_resumes_the_lost_launch_of_the_second_replica(
     result = reconcile_host(local, EngineHost(docker_client), resume=jobs.resume)
     assert result.jobs_resumed == [f"launch-{second.pk}-1"]
     assert queue.job_ids == [f"launch-{primary.pk}-1", f"launch-{second.pk}-1"]
+
+
+@pytest.mark.redis
+@pytest.mark.docker
+def test_gc_removes_the_volume_a_lost_delete_job_left_and_keeps_every_recorded_one(
+    alice: User,
+    llama: Any,
+    local: Host,
+    docker_client: Any,
+    queues: None,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    image = EngineImage.objects.create(
+        name="stand-in",
+        reference="berth-test/engine:stand-in",
+        gpu_capable=False,
+        cpu_capable=True,
+        is_stand_in=True,
+    )
+    first = ask(alice, llama, replicas=2, host=local, image=image, gpu_count=0)
+    other = ask(alice, llama, replicas=1, host=local, image=image, gpu_count=0, name="other")
+    primary, second = group_of(first)
+    pks = [primary.pk, second.pk, other.pk]
+    for pk in pks:  # what each launch's container mount creates
+        docker_client.volumes.create(
+            name=naming.cache_volume(pk, settings.BERTH_INSTANCE),
+            labels=naming.volume_labels(
+                instance=settings.BERTH_INSTANCE, deployment_id=pk, team="team-a"
+            ),
+        )
+    try:
+        for row in (primary, second):
+            launcher.fail(row, "the engine exited with code 1", [])
+        first.refresh_from_db()
+        with django_capture_on_commit_callbacks(execute=True):
+            services.request_delete(alice, first)
+        queue = get_queue(local.queue_name)
+        # The first replica's delete runs; the second's job was lost with Redis.
+        assert run_queued(queue, f"delete-{primary.pk}-1") == "deleted"
+        assert not Deployment.objects.filter(pk=second.pk).exists()
+        assert _volumes(docker_client, pks) == sorted(
+            naming.cache_volume(pk, settings.BERTH_INSTANCE) for pk in (second.pk, other.pk)
+        )
+        jobs.gc_job(local.pk)
+        assert _volumes(docker_client, pks) == [
+            naming.cache_volume(other.pk, settings.BERTH_INSTANCE)  # recorded: kept
+        ]
+        ran = AuditEvent.objects.filter(action="gc.ran").latest("pk")
+        assert ran.payload["volumes_removed"] == [
+            naming.cache_volume(second.pk, settings.BERTH_INSTANCE)
+        ]
+    finally:
+        _cleanup(docker_client, pks)

@@ -1,4 +1,5 @@
-"""Garbage collection on a GPU host: builder cache, exited Berth containers, dangling images.
+"""Garbage collection on a GPU host: builder cache, exited Berth containers, cache volumes of
+deleted deployments, dangling images.
 
 The builder cache is pruned by the Docker CLI run exec-style (an argument list with an absolute
 binary, a timeout, a minimal environment; never a shell, which is what the field report's
@@ -20,9 +21,13 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from django.conf import settings
+
 import audit
+import docker
 from audit.actions import Action, Outcome
 from core import naming
+from deployments.models import Deployment
 from deployments.runtime.engine_host import EngineHost
 
 BUILDER_PRUNE_TIMEOUT_S = 300
@@ -41,6 +46,7 @@ class GcResult:
     builder_bytes: int = 0
     image_bytes: int = 0
     containers_removed: list[str] = field(default_factory=list)
+    volumes_removed: list[str] = field(default_factory=list)
     images_removed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -115,6 +121,44 @@ def remove_exited_containers(engine: EngineHost, live_deployments: Collection[st
     return removed
 
 
+def remove_orphan_volumes(engine: EngineHost) -> list[str]:
+    """Remove this console's cache volumes whose deployment has no record any more (a delete
+    job that was lost after the record went: a further replica's record goes with its first
+    replica's); returns their names. A recorded deployment's volume stays, stopped or not (its
+    restart reuses it), and so does a volume a container still uses.
+
+    The volumes are listed before the records are read: a record is made before its launch
+    creates the volume and ids are never reused, so a listed volume without a record is one
+    whose deployment was deleted."""
+    instance = settings.BERTH_INSTANCE
+    volumes = engine.client.volumes.list(filters={"label": f"{naming.INSTANCE_LABEL}={instance}"})
+    owners = {
+        volume.name: owner
+        for volume in volumes
+        if (owner := (volume.attrs.get("Labels") or {}).get(naming.DEPLOYMENT_LABEL, "")).isdigit()
+    }
+    recorded = {
+        str(pk)
+        for pk in Deployment.objects.filter(
+            pk__in={int(owner) for owner in owners.values()}
+        ).values_list("pk", flat=True)
+    }
+    removed = []
+    for name, owner in owners.items():
+        if owner in recorded or name != naming.cache_volume(int(owner), instance):
+            continue
+        try:
+            engine.client.volumes.get(name).remove()
+        except docker.errors.NotFound:
+            continue
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # in use by a container: not an orphan yet
+                continue
+            raise
+        removed.append(name)
+    return removed
+
+
 def remove_dangling_images(client: Any) -> tuple[list[str], int]:
     """Remove untagged images no container uses (tagged images, such as engines in use, stay)."""
     report = client.images.prune(filters={"dangling": True}) or {}
@@ -139,6 +183,7 @@ def collect(
         result.errors.append(str(exc))
     try:
         result.containers_removed = remove_exited_containers(engine, set(live_deployments))
+        result.volumes_removed = remove_orphan_volumes(engine)
         result.images_removed, result.image_bytes = remove_dangling_images(engine.client)
     except Exception as exc:  # the Docker SDK raises several unrelated types (API, connection)
         result.errors.append(f"{type(exc).__name__}: {exc}"[:500])
