@@ -455,6 +455,8 @@ def test_the_json_api_deploys_with_the_session_and_the_csrf_header(
         "id": str(deployment.public_id),
         "state": "queued",
         "url": f"/deployments/{deployment.public_id}/",
+        "replicas": 1,
+        "hosts": ["gpu-01"],
     }
     assert deployment.environment == {"NCCL_DEBUG": "WARN"}
     assert get_queue(setup["host"].queue_name).job_ids == [f"launch-{deployment.pk}-1"]

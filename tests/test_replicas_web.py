@@ -247,6 +247,39 @@ def test_the_form_places_replicas_on_any_host_and_says_where(
     ]
 
 
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_the_json_api_places_replicas_when_host_is_null_and_says_where(
+    alice: User, setup: dict[str, Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    hosts = [online(setup["host"]), online(host_with_gpus("gpu-02", count=2))]
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    client.get("/deployments/new/")  # the CSRF cookie, as a page of the console would have it
+    body = {
+        "team": "team-a", "model": setup["model"].pk, "host": None, "replicas": 2,
+        "image": "stand-in", "name": "tiny", "gpu_count": 0,
+        "engine_args": {"max_model_len": 2048},
+    }  # fmt: skip
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            response = client.post(
+                API,
+                json.dumps(body),
+                content_type="application/json",
+                HTTP_X_CSRFTOKEN=client.cookies["csrftoken"].value,
+            )
+        assert response.status_code == 201, response.content
+        document = response.json()
+        assert (document["replicas"], document["hosts"]) == (2, ["gpu-01", "gpu-02"])
+        rows = Deployment.objects.get(public_id=document["id"]).group()
+        for row, host in zip(rows, hosts, strict=True):
+            assert get_queue(host.queue_name).job_ids == [f"launch-{row.pk}-1"]
+    finally:
+        for host in hosts:
+            get_queue(host.queue_name).empty()
+
+
 @pytest.mark.django_db
 def test_the_plan_without_a_host_is_shown_for_each_online_host(
     alice: User, setup: dict[str, Any]

@@ -97,9 +97,10 @@ def deploy(request: HttpRequest) -> JsonResponse:
         status = 409 if isinstance(exc, services.AlreadyDeploying) else 400
         return JsonResponse({"errors": _flat(errors)}, status=status)
     url = reverse("deployment-detail", kwargs={"public_id": deployment.public_id})
-    return JsonResponse(
-        {"id": str(deployment.public_id), "state": deployment.state, "url": url}, status=201
-    )
+    # Where each replica was queued, in replica order (placement chose them when host was null).
+    hosts = list(deployment.group().values_list("host__name", flat=True))
+    document = {"id": str(deployment.public_id), "state": deployment.state, "url": url}
+    return JsonResponse({**document, "replicas": len(hosts), "hosts": hosts}, status=201)
 
 
 def _document(request: HttpRequest) -> dict[str, Any]:
@@ -191,6 +192,8 @@ def _key_count(value: Any) -> int:
 def _deploy_request(user: Any, document: dict[str, Any]) -> services.DeployRequest:
     errors: dict[str, str] = {}
     for key in ("team", "host", "image", "name", "override_reason"):
+        if key == "host" and document.get(key) is None:
+            continue  # null or left out: placement chooses each replica's host
         if key in document and not isinstance(document[key], str):
             errors[key] = f"must be a string: {FIELDS[key]}"
     for key in ("engine_args", "environment"):
