@@ -223,7 +223,8 @@ def request_restart(user: Any, deployment: Deployment) -> None:
     each still passes every rule a new request must (image allowed, model deployable, engine
     flags and remote-code approval, quota, the plan on its host's GPUs today); the fresh plan
     replaces the stored one."""
-    rows = [row for row in _group_of(deployment) if row.state in (State.FAILED, State.STOPPED)]
+    group = _group_of(deployment)
+    rows = [row for row in group if row.state in (State.FAILED, State.STOPPED)]
     if not rows:
         raise ValidationError(
             {"state": "only a failed or stopped deployment can be restarted; stop it first"}
@@ -231,9 +232,21 @@ def request_restart(user: Any, deployment: Deployment) -> None:
     fresh = [validated(user, request_of(row)) for row in rows]
     if len(fresh) > 1:  # each passed on its own; together they must fit the quota too
         check_team_quota(deployment.team, sum(row.gpu_count for row in fresh), field="replicas")
-    with audit.chain_transaction():
-        for row, planned in zip(rows, fresh, strict=True):
-            restart_row(user, row, planned)
+    name_taken = ValidationError(
+        {
+            "name": f"another deployment of team {deployment.team.slug} now serves "
+            f"{deployment.name}: stop it first, or deploy the model again under another name"
+        }
+    )
+    others = Deployment.objects.active().filter(team=deployment.team, name=deployment.name)
+    if others.exclude(pk__in=[row.pk for row in group]).exists():
+        raise name_taken
+    try:
+        with audit.chain_transaction():
+            for row, planned in zip(rows, fresh, strict=True):
+                restart_row(user, row, planned)
+    except IntegrityError:  # one took the name meanwhile (the per-replica unique constraint)
+        raise name_taken from None
 
 
 def restart_row(user: Any, row: Deployment, fresh: Deployment) -> None:

@@ -374,6 +374,24 @@ def test_restart_of_a_group_refuses_what_the_quota_cannot_hold_together(
     assert queued_ids(h100) == {"h100": []}
 
 
+def test_restart_of_a_group_whose_name_another_deployment_took_is_refused_cleanly(
+    alice: User, llama: Any, h100: Host, queues: None
+) -> None:
+    old = ask(alice, llama, replicas=2)
+    for row in group_of(old):
+        _walk(row, State.LOADING)
+        launcher.fail(row, "the engine exited with code 1", [])
+    newer = ask(alice, llama, replicas=1)  # the name is free again: nothing of old runs
+    old.refresh_from_db()
+    with pytest.raises(ValidationError) as refused:
+        services.request_restart(alice, old)
+    assert "llama" in " ".join(refused.value.message_dict["name"])
+    assert {(row.state, row.generation) for row in group_of(old)} == {(State.FAILED, 1)}
+    assert newer.group().get().state == State.QUEUED
+    denied = AuditEvent.objects.get(action="deployment.restart_requested")
+    assert denied.outcome == "denied"
+
+
 # --- the migration ----------------------------------------------------------------------------
 
 
