@@ -17,7 +17,9 @@ from django.utils import timezone
 
 from accounts.models import Team, User
 from audit.models import AuditEvent
-from deployments.models import Deployment
+from core.queues import get_queue
+from deployments import services
+from deployments.models import Deployment, EngineImage
 from deployments.runtime import launcher
 from deployments.runtime.diagnostics import diagnose
 from deployments.states import State
@@ -125,6 +127,36 @@ def _pages(console: dict[str, Any]) -> dict[str, str]:
         "audit": "/audit/",
         "audit event": f"/audit/events/{AuditEvent.objects.latest('seq').seq}/",
     }
+
+
+@pytest.mark.redis
+def test_a_deployment_of_replicas_and_a_replicas_page_fit_a_phone(
+    browser: Any, asgi_url: str, admin: User, console: dict[str, Any]
+) -> None:
+    """The Replicas table (a row per replica, with its host, port, state and link) and a
+    further replica's page, for two replicas requested through the deploy service."""
+    stand_in = EngineImage.objects.create(
+        name="stand-in", reference="berth/stand-in:test", gpu_capable=False, cpu_capable=True,
+        is_stand_in=True,
+    )  # fmt: skip
+    request = services.DeployRequest(
+        team=console["team"], model=console["model"], host=console["host"], image=stand_in,
+        name="llama-8b-replicated-for-the-support-team", gpu_count=0, replicas=2,
+        engine_args={"max_model_len": 2048},
+    )  # fmt: skip
+    deployment = services.request_deployment(admin, request)
+    get_queue(console["host"].queue_name).empty()  # nothing launches: the pages are the point
+    other = deployment.group().get(replica_index=1)
+    pages = {"replicas": deployment.public_id, "replica 2": other.public_id}
+    with signed_in_page(browser, asgi_url, admin, viewport=PHONE, name="phone") as page:
+        for name, public_id in pages.items():
+            assert page.goto(f"/deployments/{public_id}/").status == 200
+            page.wait_for_load_state("load")
+            assert page.evaluate(DOCUMENT_WIDTH) <= PHONE["width"], (name, page.evaluate(WIDE))
+            assert page.evaluate(CLIPPED) == [], name
+            screenshot(page, "phone-" + name.replace(" ", "-"))
+        page.goto(f"/deployments/{deployment.public_id}/")
+        assert page.locator("table.replicas tbody tr").count() == 2
 
 
 def test_every_page_fits_a_360_px_phone_without_hiding_overflow(

@@ -220,6 +220,7 @@ def test_the_json_api_detail_lists_every_replica(alice: User, two_replicas: Depl
 
     own = client.get(f"{API}{other.public_id}/").json()
     assert (own["index"], own["state"], own["replica_of"]) == (1, "queued", document["id"])
+    assert own == {"name": "tiny", "team": "team-a", **replicas[1], "replica_of": document["id"]}
 
 
 @pytest.mark.django_db

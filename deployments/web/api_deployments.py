@@ -77,10 +77,14 @@ def detail(request: HttpRequest, public_id: uuid.UUID) -> JsonResponse:
     if deployment is None:
         return error("id", "no such deployment", 404)
     if deployment.is_replica:  # a further replica's own id: that replica alone
-        replicas = groups.of_rows([deployment])
-        document = {**_summary(deployment, replicas), **_replica(deployment, _gpus([deployment]))}
-        document["replica_of"] = str(deployment.replica_of.public_id)
-        return JsonResponse(document)
+        return JsonResponse(
+            {
+                "name": deployment.name,
+                "team": deployment.team.slug,
+                "replica_of": str(deployment.replica_of.public_id),
+                **_replica(deployment, _gpus([deployment])),
+            }
+        )
     rows = list(deployment.group().select_related("host"))
     gpus = _gpus(rows)
     return JsonResponse(
