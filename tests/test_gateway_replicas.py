@@ -22,6 +22,7 @@ from accounts.models import Team, User
 from core.queues import get_queue
 from deployments.models import Deployment
 from deployments.states import State
+from gateway.models import UsageMinute
 from gpus.models import Host
 from tests.gateway_process import METRICS_TOKEN, GatewayProcess, Upstream, serve_replicas, walk
 
@@ -90,6 +91,13 @@ def test_requests_spread_over_both_replicas_and_a_killed_one_is_routed_around(
     served = Counter(_served_by(gateway, key, f"question {n}") for n in range(20))
     assert set(served) == {"one", "two"}, served
     assert min(served.values()) >= 3, served
+    # Usage is recorded per replica: its own row and its index.
+    _wait_until(
+        lambda: (
+            {(row.pk, row.replica_index) for row in replicas}
+            <= set(UsageMinute.objects.values_list("deployment_id", "replica"))
+        )
+    )
 
     # Four streams in flight, two on each replica (least outstanding alternates), and two plain
     # requests; then replica "one" dies.

@@ -217,6 +217,19 @@ def test_gpus_held_by_foreign_processes_are_not_counted(
     assert Deployment.objects.filter(name="three").count() == 0
 
 
+def test_a_host_whose_agent_went_quiet_gets_no_replica(
+    alice: User, llama: Any, h100: Host, small: Host, queues: None
+) -> None:
+    quiet_since = timezone.now() - timezone.timedelta(minutes=10)
+    reading = parse_any((CAPTURES / H100_X8).read_text())
+    inventory.store_collection(h100, Collection(reading), quiet_since)
+    first = ask(alice, llama, replicas=2)
+    assert [row.host.name for row in group_of(first)] == ["small", "small"]
+    with pytest.raises(ValidationError) as refused:
+        ask(alice, llama, replicas=3, name="three")
+    assert "only 2 of 3 replicas" in " ".join(refused.value.messages)
+
+
 def test_the_team_quota_refuses_replicas_that_together_exceed_it(
     alice: User, llama: Any, h100: Host, team_a: Team, queues: None
 ) -> None:
@@ -231,7 +244,13 @@ def test_the_team_quota_refuses_replicas_that_together_exceed_it(
     assert "replicas" in denied.payload["reason"]
     assert not Deployment.objects.exists()
     assert queued_ids(h100) == {"h100": []}
-    assert group_of(ask(alice, llama, replicas=2))[1].replica_index == 1  # 2 fit the quota
+    two = group_of(ask(alice, llama, replicas=2))  # 2 fit the quota
+    # The quota is checked again per replica when its launch reserves: lowered meanwhile to
+    # 1, the first replica's launch gets its GPU and the second's is refused.
+    Team.objects.filter(pk=team_a.pk).update(gpu_quota=1)
+    assert len(hold(two[0])) == 1
+    with pytest.raises(launcher.LaunchFailure, match="quota exceeded: team team-a uses 1 of 1"):
+        hold(two[1])
 
 
 @pytest.mark.redis
