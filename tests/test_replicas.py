@@ -609,3 +609,61 @@ def test_gc_removes_the_volume_a_lost_delete_job_left_and_keeps_every_recorded_o
         ]
     finally:
         _cleanup(docker_client, pks)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_0007_keeps_every_existing_deployment_as_one_replica() -> None:
+    """Deployments made before replicas (at 0006) are, after 0007, each the first replica of
+    one; the unique name still holds for their live rows."""
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = [("deployments", "0006_host_memory")], [("deployments", "0007_replicas")]
+    executor = MigrationExecutor(connection)
+    # Only deployments goes back (no other app's migration depends on its later ones).
+    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "deployments"]
+    try:
+        executor.migrate(before)
+        old = executor.loader.project_state(others + before).apps
+        team = old.get_model("accounts", "Team").objects.create(slug="team-a", name="Team A")
+        mount = old.get_model("models_registry", "StorageMount").objects.create(
+            name="store", canonical_prefix="/store", local_path="/s", host_path="/s",
+            container_path="/models", kind="auto",
+        )  # fmt: skip
+        model = old.get_model("models_registry", "Model").objects.create(
+            team=team, mount=mount, path="/store/team-a/llama", status="ok"
+        )
+        host = old.get_model("gpus", "Host").objects.create(name="gpu-01")
+        image = old.get_model("deployments", "EngineImage").objects.create(
+            name="vllm", reference="vllm/vllm-openai:v0.11.0"
+        )
+        made = [
+            old.get_model("deployments", "Deployment")
+            .objects.create(
+                name=name,
+                team=team,
+                model=model,
+                host=host,
+                image=image,
+                gpu_count=1,
+                state=state,
+            )
+            .pk
+            for name, state in (("serving", "ready"), ("stopped", "stopped"))
+        ]
+        executor = MigrationExecutor(connection)
+        executor.migrate(after)
+        new = MigrationExecutor(connection).loader.project_state(others + after).apps
+        rows = new.get_model("deployments", "Deployment").objects.filter(pk__in=made)
+        assert sorted(rows.values_list("name", "replica_of", "replica_index", "replicas")) == [
+            ("serving", None, 0, 1),
+            ("stopped", None, 0, 1),
+        ]
+        with pytest.raises(IntegrityError), transaction.atomic():
+            new.get_model("deployments", "Deployment").objects.create(
+                name="serving", team_id=team.pk, model_id=model.pk, host_id=host.pk,
+                image_id=image.pk, gpu_count=1, state="queued",
+            )  # fmt: skip
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
