@@ -34,6 +34,7 @@ from rq.job import Job
 
 from core.queues import DEFAULT_QUEUE, get_queue, redis_connection
 from deployments.models import Deployment
+from deployments.scaling.metrics import scaling_metrics
 from deployments.states import State
 from deployments.web import groups
 from gateway.models import UsageMinute
@@ -61,6 +62,7 @@ class BerthCollector(Collector):
         yield from self._hosts()
         yield from self._jobs()
         yield from self._gateway_usage()
+        yield from scaling_metrics()
 
     def _gateway_usage(self) -> Iterator[Metric]:
         """Month-to-date (UTC) usage through the gateways, from the per-minute rows that every

@@ -369,6 +369,12 @@ if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", BERTH_INSTANCE):
 # Docker garbage collection on each GPU host (builder cache, stopped engines, dangling images).
 BERTH_GC_INTERVAL_H = env_int("BERTH_GC_INTERVAL_H", 24, minimum=0, maximum=24 * 30)
 BERTH_RECONCILE_INTERVAL_S = env_int("BERTH_RECONCILE_INTERVAL_S", 60, minimum=5, maximum=3600)
+# The scaler (deployments.scaling): how often it looks at autoscaled deployments, and how long a
+# replica being scaled down may take to finish its requests before it is stopped anyway.
+BERTH_SCALER_INTERVAL_S = env_float("BERTH_SCALER_INTERVAL_S", 10.0, minimum=0.2, maximum=600)
+BERTH_SCALE_DRAIN_TIMEOUT_S = env_int(
+    "BERTH_SCALE_DRAIN_TIMEOUT_S", default=300, minimum=0, maximum=3600
+)
 BERTH_STOP_TIMEOUT_S = env_int("BERTH_STOP_TIMEOUT_S", 30, minimum=1, maximum=600)
 
 # --- Audit trail -----------------------------------------------------------------------------

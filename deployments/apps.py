@@ -12,3 +12,4 @@ class DeploymentsConfig(AppConfig):
     def ready(self) -> None:
         from deployments import checks  # noqa: F401  (registers the system checks)
         from deployments.runtime import jobs  # noqa: F401  (registers reconcile and GC)
+        from deployments.scaling import jobs as scaling_jobs  # noqa: F401  (the scaler)

@@ -168,13 +168,20 @@ def _group_of(deployment: Deployment) -> list[Deployment]:
 @refusals_audited(Action.DEPLOYMENT_STOP_REQUESTED)
 def request_stop(user: Any, deployment: Deployment) -> None:
     """Ask the hosts' agents to stop every running replica of the deployment (audited)."""
-    rows = [row for row in _group_of(deployment) if row.state in STOPPABLE]
+    rows = [row for row in _group_of(deployment) if row.state in STOPPABLE | {State.IDLE}]
     if not rows:
         raise ValidationError({"state": f"a {deployment.state} deployment cannot be stopped"})
     with audit.chain_transaction():
         audit.record(Action.DEPLOYMENT_STOP_REQUESTED, target=deployment, actor=user)
         for row in rows:
             message = f"stop requested by {user.get_username()}"
+            if row.state == State.IDLE:  # scaled to zero: no container, nothing held
+                row.store(replicas=max(row.min_replicas, 1))
+                if not row.transition(State.STOPPED, message=message):
+                    raise ValidationError(
+                        {"state": "the deployment changed state meanwhile; reload the page"}
+                    )
+                continue
             if not row.transition(State.STOPPING, message=message):
                 raise ValidationError(
                     {"state": "the deployment changed state meanwhile; reload the page"}

@@ -17,18 +17,22 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from django.conf import settings
+from django.db import connection
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from accounts.keys import parse_key, secret_matches
 from accounts.models import KeyScope
+from deployments.scaling.actions import wake_on_request
+from deployments.scaling.signals import write_demand
 from deployments.states import State
 from gateway import errors, limits, queueing, upstream
 from gateway.cache import KeyEntry, Route
@@ -51,6 +55,8 @@ MAX_BODY = 32 * 1024 * 1024
 POOL_KEEPALIVE_S = 4.0
 CONNECT_TIMEOUT_S = 5.0
 WAIT_POLL_S = 0.5
+WAKE_RETRY_S = 5.0  # a wake that did not take (the deployment still idle) is tried again
+DEMAND_RECENT_S = 300.0  # a model's last request is published this long
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class Gateway:
         self._background: set[asyncio.Task] = set()
         self._pending_writes: list[tuple[limits.Reservation | None, int, UsageRecord | None]] = []
         self.admission = queueing.Admission()
+        self.demand = Demand()
+        self._waking: dict[int, float] = {}  # deployment id -> monotonic time of the last try
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -239,6 +247,7 @@ class Gateway:
         call = _parse_call(key, scope["path"], body, started, arrived_at)
         if not key.may_use(call.model):
             raise errors.model_not_found(call.model)
+        self.demand.arrived((key.team_id, call.model), arrived_at)
         reservation = await self._reserve(call)
         self.metrics.in_flight.inc()
         exchange, backend = upstream.Exchange(status=0), None
@@ -280,27 +289,63 @@ class Gateway:
 
     async def _route(self, call: Call, tried: set[tuple[int, int]]) -> Route:
         """The model's route once a replica can take the request. While replicas are still
-        loading the request is held (up to ``BERTH_GATEWAY_HOLD_S``); a model with no replica
-        loading and none usable (failed, or all cooling down after errors) is answered 503
-        ``model_not_ready`` at once."""
+        loading, or the deployment is idle and being woken by this request, the request is held
+        (up to ``BERTH_GATEWAY_HOLD_S``; later requests wait behind it); a model with no replica
+        loading and none usable (failed, or all cooling down after errors), or an idle one that
+        cannot be woken (quota, GPUs, host memory), is answered 503 ``model_not_ready`` at once."""
         deadline = time.monotonic() + self.config.hold_s
-        waited_from = None
-        while True:
-            route = self.refresher.snapshot.routes.get((call.key.team_id, call.model))
-            if route is None:
-                raise errors.model_not_found(call.model)
-            now = time.monotonic()
-            if self.balancer.choose(route.ready, "", time.time(), tried) is not None:
-                if waited_from is not None:
-                    self.metrics.queue_wait.observe(now - waited_from)
-                return route
-            if not route.waiting or now >= deadline:
-                raise _not_ready(call.model, route)
-            waited_from = waited_from or now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.refresher.changed().wait(), min(WAIT_POLL_S, deadline - now)
-                )
+        waited_from, saw_idle = None, False
+        name = (call.key.team_id, call.model)
+        try:
+            while True:
+                route = self.refresher.snapshot.routes.get(name)
+                if route is None:
+                    raise errors.model_not_found(call.model)
+                now = time.monotonic()
+                if self.balancer.choose(route.ready, "", time.time(), tried) is not None:
+                    if waited_from is not None:
+                        self.metrics.queue_wait.observe(now - waited_from)
+                        if saw_idle:
+                            self.metrics.wake_wait.observe(now - waited_from)
+                    return route
+                if route.idle and not route.ready:
+                    saw_idle = True
+                    refusal = await self._wake(call, route)
+                    if refusal:
+                        raise _not_ready(call.model, route, f"cannot wake: {refusal}")
+                if not route.waiting or now >= deadline:
+                    raise _not_ready(call.model, route)
+                if waited_from is None:
+                    waited_from = now
+                    self.demand.hold(name, 1)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.refresher.changed().wait(), min(WAIT_POLL_S, deadline - now)
+                    )
+        finally:
+            if waited_from is not None:
+                self.demand.hold(name, -1)
+
+    async def _wake(self, call: Call, route: Route) -> str:
+        """Wake the idle deployment (once per ``WAKE_RETRY_S`` per gateway; the database's
+        conditional update makes the first of several gateways win): '' when it is waking,
+        else why it cannot be woken."""
+        backend = route.idle[0]
+        last = self._waking.get(backend.deployment_id)
+        if last is not None and time.monotonic() - last < WAKE_RETRY_S:
+            return ""
+        self._waking[backend.deployment_id] = time.monotonic()
+        detail = f"a request for {call.model} at the gateway (key {call.key.prefix})"
+        try:
+            refusal = await asyncio.to_thread(_wake_in_thread, backend.deployment_id, detail)
+        except Exception:
+            logger.exception("gateway: waking %s failed", call.model)
+            return ""
+        if refusal:
+            self._waking.pop(backend.deployment_id, None)
+        else:
+            self.refresher.wake()  # read the woken deployment's new state at once
+        return refusal
 
     async def _forward(
         self, call: Call, receive: Receive, send: Send
@@ -351,9 +396,9 @@ class Gateway:
                 name, call.key.prefix, route.ready, self.config.hold_s
             )
         except queueing.QueueFull:
-            raise errors.overloaded(call.model, "queue_full") from None
+            raise errors.overloaded(call.model, "queue_full", route.blocked) from None
         except TimeoutError:
-            raise errors.overloaded(call.model, "model_overloaded") from None
+            raise errors.overloaded(call.model, "model_overloaded", route.blocked) from None
         if waited is not None:
             self.metrics.queue_wait.observe(waited)
 
@@ -364,6 +409,21 @@ class Gateway:
                 await self.admission.look(self.session, self.refresher.snapshot.routes)
             except Exception:
                 logger.exception("gateway: reading the engines' load failed")
+            try:
+                await self._publish_demand()
+            except RedisError as exc:
+                logger.warning("gateway: could not publish the demand for the scaler: %s", exc)
+
+    async def _publish_demand(self) -> None:
+        """Tell the scalers what waits here and when each model was last asked for (what the
+        engines cannot see: requests held for an idle or loading model, or queued here)."""
+        queued = {name: queue.size for name, queue in self.admission.queues.items()}
+        figures = self.demand.figures(queued)
+        if not figures:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            write_demand(pipe, self.demand.gateway_id, figures)
+            await pipe.execute()
 
     async def _relay(
         self,
@@ -458,8 +518,13 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
 
-def _not_ready(model: str, route: Route) -> GatewayError:
+def _not_ready(model: str, route: Route, why: str = "") -> GatewayError:
     waiting = route.waiting
+    if why or (route.blocked and waiting and not route.ready):
+        state = waiting[0].state if waiting else State.IDLE.value
+        return errors.model_not_ready(
+            model, state, None, [], why or f"scaling blocked: {route.blocked}"
+        )
     if waiting:
         etas = [b.ready_eta_s for b in waiting if b.ready_eta_s is not None]
         eta = max(0.0, round(min(etas) - time.time(), 1)) if etas else None
@@ -547,6 +612,40 @@ async def _send_json(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class Demand:
+    """What this gateway tells the scaler per model: requests held here (waiting for a replica
+    to be ready) and the time of the last request; published once a second for the models
+    asked for in the last ``DEMAND_RECENT_S``."""
+
+    def __init__(self) -> None:
+        self.gateway_id = uuid.uuid4().hex[:12]
+        self.held: dict[tuple[int, str], int] = {}
+        self.last: dict[tuple[int, str], float] = {}
+
+    def arrived(self, name: tuple[int, str], at: float) -> None:
+        self.last[name] = at
+
+    def hold(self, name: tuple[int, str], change: int) -> None:
+        self.held[name] = self.held.get(name, 0) + change
+
+    def figures(self, queued: dict[tuple[int, str], int]) -> dict:
+        now = time.time()
+        for name in [n for n, at in self.last.items() if now - at > DEMAND_RECENT_S]:
+            del self.last[name]
+        names = set(self.last) | {n for n, count in self.held.items() if count} | set(queued)
+        return {
+            name: (self.held.get(name, 0) + queued.get(name, 0), self.last.get(name))
+            for name in names
+        }
+
+
+def _wake_in_thread(deployment_id: int, detail: str) -> str:
+    try:
+        return wake_on_request(deployment_id, detail)
+    finally:
+        connection.close()
 
 
 def create_app() -> Gateway:

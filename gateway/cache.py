@@ -13,20 +13,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.db.models import Max, Q
 from django.utils import timezone
 
 from accounts.models import ApiKey
 from deployments.models import Deployment, DeploymentEvent, EventKind
+from deployments.runtime.engine_host import engine_address
 from deployments.states import ACTIVE, State
 
 # States a request waits through (up to BERTH_GATEWAY_HOLD_S) rather than failing at once:
-# vLLM refuses requests while it loads, and an unhealthy engine often comes back.
-WAITING = frozenset({State.QUEUED, State.LAUNCHING, State.LOADING, State.UNHEALTHY})
-LOCAL_DOCKER_SCHEMES = frozenset({"", "unix", "npipe"})
+# vLLM refuses requests while it loads, an unhealthy engine often comes back, and an idle
+# deployment (scaled to zero) is woken by the request itself.
+WAITING = frozenset({State.QUEUED, State.LAUNCHING, State.LOADING, State.UNHEALTHY, State.IDLE})
 EXPIRED_KEPT = timedelta(days=30)
 
 
@@ -73,6 +72,12 @@ class Route:
     """Every backend of one served model name of one team."""
 
     backends: tuple[Backend, ...]
+    # Why the deployment's scaler cannot add a replica or wake it now ("" when it can).
+    blocked: str = ""
+
+    @property
+    def idle(self) -> tuple[Backend, ...]:
+        return tuple(b for b in self.backends if b.state == State.IDLE)
 
     @property
     def ready(self) -> tuple[Backend, ...]:
@@ -134,7 +139,7 @@ def _keys() -> dict[str, KeyEntry]:
 
 def _routes() -> dict[tuple[int, str], Route]:
     deployments = list(
-        Deployment.objects.filter(state__in=[*ACTIVE, State.FAILED])
+        Deployment.objects.filter(state__in=[*ACTIVE, State.FAILED, State.IDLE])
         .exclude(state=State.STOPPING)
         .select_related("host")
         .order_by("created")
@@ -148,7 +153,8 @@ def _routes() -> dict[tuple[int, str], Route]:
         live = [d for d in group if d.state != State.FAILED]
         # With no live deployment, the newest failed one explains the 503 (its diagnosis).
         chosen = live or group[-1:]
-        routes[name] = Route(tuple(_backend(d, started.get(d.pk)) for d in chosen))
+        blocked = next((d.scaling_blocked for d in group if d.replica_of_id is None), "")
+        routes[name] = Route(tuple(_backend(d, started.get(d.pk)) for d in chosen), blocked)
     return routes
 
 
@@ -171,7 +177,7 @@ def _backend(deployment: Deployment, loading_since: Any) -> Backend:
         url = f"http://{engine_address(deployment.host.docker_endpoint)}:{deployment.host_port}"
     eta = None
     plan = deployment.stored_plan
-    if deployment.state in WAITING and plan is not None:
+    if deployment.state in WAITING and deployment.state != State.IDLE and plan is not None:
         since = loading_since or deployment.updated or timezone.now()
         eta = since.timestamp() + float(plan.startup_estimate_s)
     findings = tuple(
@@ -190,16 +196,3 @@ def _backend(deployment: Deployment, loading_since: Any) -> Backend:
         diagnosis=findings,
         ready_eta_s=eta,
     )
-
-
-def engine_address(docker_endpoint: str) -> str:
-    """Where a gateway reaches the engines of a host: the host named in its Docker endpoint
-    (``tcp://gpu-01:2376`` → ``gpu-01``), or, for a local socket, ``BERTH_ENGINE_BIND`` (the
-    address engines publish on; a wildcard bind is reached on the loopback)."""
-    parts = urlsplit(docker_endpoint or "")
-    if parts.scheme not in LOCAL_DOCKER_SCHEMES and parts.hostname:
-        return f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    bind = settings.BERTH_ENGINE_BIND
-    if bind in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard is not an address to dial
-        return "127.0.0.1"
-    return f"[{bind}]" if ":" in bind else bind

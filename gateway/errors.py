@@ -107,13 +107,15 @@ def model_not_ready(
     )
 
 
-def overloaded(model: str, code: str) -> GatewayError:
+def overloaded(model: str, code: str, blocked: str = "") -> GatewayError:
     """Every replica is full and the gateway's queue for the model is full (``queue_full``) or
-    was waited in for ``BERTH_GATEWAY_HOLD_S`` (``model_overloaded``)."""
+    was waited in for ``BERTH_GATEWAY_HOLD_S`` (``model_overloaded``); ``blocked``: why the
+    deployment's scaler cannot add a replica now."""
+    more = f" Scaling up is blocked: {blocked}" if blocked else ""
     return GatewayError(
         503,
         "server_error",
-        f"Every replica of `{model}` is busy; try again shortly.",
+        f"Every replica of `{model}` is busy; try again shortly.{more}",
         code=code,
         headers=((b"retry-after", b"5"),),
     )

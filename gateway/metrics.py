@@ -58,6 +58,12 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.wake_wait = Histogram(
+            "berth_gateway_wake_seconds",
+            "Time a request waited for an idle (scaled to zero) deployment to wake.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
             "berth_gateway_requests_in_flight", "Requests being served now.", registry=r
         )

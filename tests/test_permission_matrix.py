@@ -120,6 +120,11 @@ ROWS: dict[str, list[Row]] = {
         ]
         for action in ("stop", "restart", "delete")
     },
+    # The scaling panel: a team A page; an empty policy form is shown again with its errors.
+    "deployments/<uuid:public_id>/scaling/": [
+        Row("get", TEAM_A_PAGE, _deployment),
+        Row("post", (200, 404, 403, 200, 302), _deployment),
+    ],
     # The gateway's pages: a team's keys and usage, a model's usage (team A's objects).
     "gateway/teams/<slug:slug>/": [
         Row("get", TEAM_A_PAGE, lambda o: {"slug": "team-a"}),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 
@@ -82,3 +83,19 @@ def remove_quietly(container: Any) -> None:
     except docker.errors.APIError as exc:
         if not gone(exc):
             raise
+
+
+LOCAL_DOCKER_SCHEMES = frozenset({"", "unix", "npipe"})
+
+
+def engine_address(docker_endpoint: str) -> str:
+    """Where a gateway reaches the engines of a host: the host named in its Docker endpoint
+    (``tcp://gpu-01:2376`` → ``gpu-01``), or, for a local socket, ``BERTH_ENGINE_BIND`` (the
+    address engines publish on; a wildcard bind is reached on the loopback)."""
+    parts = urlsplit(docker_endpoint or "")
+    if parts.scheme not in LOCAL_DOCKER_SCHEMES and parts.hostname:
+        return f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    bind = settings.BERTH_ENGINE_BIND
+    if bind in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard is not an address to dial
+        return "127.0.0.1"
+    return f"[{bind}]" if ":" in bind else bind

@@ -529,7 +529,8 @@ def probe(address: str, port: int | None) -> Health:
 
 def stop(engine: EngineHost, deployment: Deployment, generation: int) -> str:
     """Stop gracefully (SIGTERM, then kill after the timeout), keep the log tail, remove the
-    container, release the GPUs."""
+    container, release the GPUs. A first replica its scaler took to zero replicas ends ``idle``
+    (the gateway still routes its name and wakes it), any other ``stopped``."""
     if deployment.generation != generation or deployment.state != State.STOPPING:
         return "nothing to do"
     cancel_prewarm(deployment.pk)
@@ -538,6 +539,10 @@ def stop(engine: EngineHost, deployment: Deployment, generation: int) -> str:
         container.stop(timeout=settings.BERTH_STOP_TIMEOUT_S)
         _read_new_logs(deployment, container)
         container.remove(force=True)
+    if not deployment.is_replica and deployment.replicas == 0:
+        allocation.release(deployment, reason="scaled to zero")
+        deployment.transition(State.IDLE, message="scaled to zero: container stopped and removed")
+        return "idle"
     allocation.release(deployment, reason="stopped")
     deployment.transition(State.STOPPED, message="container stopped and removed")
     return "stopped"

@@ -31,6 +31,7 @@ STATE_ORDER: tuple[State, ...] = (
     State.LAUNCHING,
     State.QUEUED,
     State.PENDING,
+    State.IDLE,  # scaled to zero: the name still answers (the first request wakes it)
     State.STOPPING,
     State.FAILED,
     State.STOPPED,

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from deployments.web import api, api_deployments, views
+from deployments.web import api, api_deployments, scaling, views
 
 urlpatterns = [
     path("", views.deployment_list, name="deployments-index"),
@@ -14,4 +14,5 @@ urlpatterns = [
     path("<uuid:public_id>/stop/", views.stop, name="deployment-stop"),
     path("<uuid:public_id>/restart/", views.restart, name="deployment-restart"),
     path("<uuid:public_id>/delete/", views.delete, name="deployment-delete"),
+    path("<uuid:public_id>/scaling/", scaling.scaling, name="deployment-scaling"),
 ]

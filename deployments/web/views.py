@@ -402,7 +402,8 @@ def _status_context(deployment: Deployment) -> dict:
         "deleting": deleting,
         "replicas": groups.of_rows(rows),
         "replica_rows": _replica_rows(rows) if len(rows) > 1 else [],
-        "can_stop": acts and any(state in ACTIVE - {State.STOPPING} for state in states),
+        "can_stop": acts
+        and any(state in (ACTIVE - {State.STOPPING}) | {State.IDLE} for state in states),
         "can_restart": acts and not deleting and any(state in TERMINAL for state in states),
         "can_delete": acts and not deleting and all(state in TERMINAL for state in states),
     }
