@@ -32,7 +32,7 @@ from core import naming
 from deployments import services
 from deployments.models import Deployment, EngineImage
 from deployments.runtime import host_memory
-from deployments.scaling import scaler
+from deployments.scaling import actions, scaler
 from deployments.scaling.policy import PolicyChange, set_policy
 from deployments.states import State
 from deployments.validation import DeployRequest
@@ -261,3 +261,23 @@ def test_a_wake_the_team_quota_blocks_is_answered_shown_and_audited(
     assert fleet.chat("tiny")[0] == 200
     tiny.refresh_from_db()
     assert tiny.scaling_blocked == ""
+
+
+def test_a_new_replica_starts_from_a_siblings_compile_cache_on_its_host(
+    fleet: Fleet, docker_client: Any, engine_image: str
+) -> None:
+    tiny = fleet.deploy("tiny", min_replicas=1, max_replicas=2)
+    wait_until(lambda: state_of(tiny) == State.READY, what="the first start")
+    source = naming.cache_volume(tiny.pk, settings.BERTH_INSTANCE)
+    write = "mkdir -p /c/inductor && echo x > /c/inductor/kernel"  # a compiled artifact
+    docker_client.containers.run(
+        engine_image, entrypoint=["sh"], command=["-c", write],
+        volumes={source: {"bind": "/c", "mode": "rw"}}, remove=True,
+    )  # fmt: skip
+    second = actions.add_replica(tiny, "test")
+    wait_until(lambda: state_of(second) == State.READY, what="the second replica")
+    seeded = second.events.get(message__startswith="compile cache seeded from replica 1's")
+    assert seeded.data["source_volume"] == source
+    container = docker_client.containers.get(second.container_name)
+    listing = container.exec_run(["cat", "/berth-cache/inductor/kernel"]).output
+    assert listing == b"x\n"

@@ -30,6 +30,7 @@ from core import naming
 from deployments.changes import publish
 from deployments.models import Deployment, DeploymentEvent, EventKind
 from deployments.runtime import allocation, host_checks, model_source
+from deployments.runtime.cache_seed import seed_cache
 from deployments.runtime.diagnosis_rules import RULES_BY_CODE
 from deployments.runtime.diagnostics import Finding, diagnose
 from deployments.runtime.engine_args import SchemaError, parse_engine_args, parse_environment
@@ -90,6 +91,7 @@ def launch(
         still_allowed(deployment)  # the rules of a new request, again
         start_prewarm(deployment)  # reads the weights into the page cache while the engine starts
         image = host_checks.pinned_image(engine.client, deployment)
+        seed_cache(engine, deployment, image)  # a further replica: no compile on start
         held = _hold_gpus(deployment, gpus)
         model_source.run_hooks(deployment, source)
         spec, container = _start_on_a_free_port(engine, deployment, held, image, source.host)
