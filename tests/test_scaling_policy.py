@@ -16,6 +16,7 @@ from audit.models import AuditEvent
 from deployments import services
 from deployments.models import Deployment, GpuAllocation
 from deployments.runtime.host_memory import GIB
+from deployments.scaling import scaler
 from deployments.scaling.policy import PolicyChange, set_policy
 from deployments.states import State, TransitionError, check_transition
 from tests.deployment_builders import deployment, host_with_gpus, registered_model
@@ -158,3 +159,23 @@ def test_a_user_stops_an_idle_deployment_straight_to_stopped(
     llama.refresh_from_db()
     assert llama.state == State.STOPPED
     assert llama.replicas == 1  # a later restart is a deployment of one replica again
+
+
+@pytest.mark.redis
+def test_after_a_replica_failed_the_scaler_adds_none_for_a_while_and_says_why(
+    alice: User, llama: Deployment
+) -> None:
+    set_policy(alice, llama, policy(min_replicas=2, max_replicas=2))
+    llama.refresh_from_db()
+    broken = deployment(llama.team, llama.model, llama.host, gpu_count=1)
+    Deployment.objects.filter(pk=broken.pk).update(replica_of=llama, replica_index=1)
+    broken.refresh_from_db()
+    walk(broken, State.FAILED)
+    scaler.converge(llama)
+    scaler.converge(llama)  # a second look: the same reason is not audited again
+    llama.refresh_from_db()
+    assert "replica 2 failed at" in llama.scaling_blocked
+    assert "the engine exited with code 1" in llama.scaling_blocked
+    assert llama.group().count() == 2  # no replica added
+    blocked = AuditEvent.objects.filter(action=Action.DEPLOYMENT_SCALE_BLOCKED)
+    assert blocked.count() == 1

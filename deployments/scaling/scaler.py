@@ -41,6 +41,9 @@ from deployments.states import State
 
 logger = logging.getLogger(__name__)
 SAMPLES_KEPT = timedelta(hours=24)
+# After a replica failed, no other is added for this long: a crash on start would otherwise
+# make the scaler add one replica after another, each failing the same way.
+FAILED_BACKOFF = timedelta(minutes=5)
 # States of the first replica in which the scaler looks after a deployment (a stopped, failed
 # or user-stopped one is the user's).
 LOOKED_AFTER = frozenset(
@@ -174,6 +177,16 @@ def converge(primary: Deployment, decision: Decision | None = None) -> None:
     if not missing:
         _unblock(primary)
         return
+    failed = _failed_lately(primary)
+    if failed is not None:  # adding another now would likely fail the same way, again and again
+        # Stable wording (no "seconds ago"): a block is audited once per reason.
+        reason = (
+            f"replica {failed.replica_index + 1} failed at {failed.updated:%H:%M:%S} UTC "
+            f"({failed.last_error[:200]}); the scaler adds no replica for "
+            f"{FAILED_BACKOFF.seconds // 60} minutes after a failure (or restart it)"
+        )
+        block(primary, reason, decision)
+        return
     try:
         if primary.state == State.IDLE:
             actions.wake(primary, desired=desired, why=why)
@@ -184,6 +197,14 @@ def converge(primary: Deployment, decision: Decision | None = None) -> None:
         block(primary, str(exc), decision)
         return
     _unblock(primary)
+
+
+def _failed_lately(primary: Deployment) -> Deployment | None:
+    """A replica of the deployment that failed within :data:`FAILED_BACKOFF`."""
+    since = timezone.now() - FAILED_BACKOFF
+    return (
+        primary.group().filter(state=State.FAILED, updated__gte=since).order_by("-updated").first()
+    )
 
 
 def block(primary: Deployment, reason: str, decision: Decision | None) -> None:
