@@ -1,7 +1,8 @@
 """The deploy form on a machine without GPUs (the demo's) and the planner made visible there: a
 CPU image on a GPU-less host means 0 GPUs, the refusals name the fix that applies, the plan panel
-shows what the model needs on one 24, 48 and 80 GiB card, a context longer than the model's is
-refused, and the utilization default is the planner's."""
+shows what the model needs on one 24, 48 and 80 GiB card and, for the real CPU engine, its host
+memory plan, a context longer than the model's is refused, and the utilization default is the
+planner's."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ import pytest
 from django.test import Client
 
 from accounts.models import Team, User
+from config.templatetags.berth_format import gib
 from deployments.models import Deployment, EngineImage
 from deployments.planning import DEFAULT_GPU_MEMORY_UTILIZATION
+from deployments.runtime import host_memory
+from deployments.runtime.engine_args import parse_engine_args
+from deployments.validation import cpu_plan_for
 from gpus.host_resources import read_host_resources
 from gpus.inventory import heartbeat
-from gpus.models import Host
+from gpus.models import Host, HostStatus
 from tests.conftest import BASE_DIR
 from tests.deployment_builders import host_with_gpus, registered_model
 from tests.model_dirs import LLAMA_CONFIG, write_model
@@ -41,7 +46,17 @@ def laptop(team_a: Team, tmp_path: Path) -> dict[str, Any]:
         "model": model,
         "host": host,
         "cpu": EngineImage.objects.create(
-            name="stand-in", reference="berth/stand-in:1", gpu_capable=False, cpu_capable=True
+            name="stand-in",
+            reference="berth/stand-in:1",
+            gpu_capable=False,
+            cpu_capable=True,
+            is_stand_in=True,
+        ),
+        "vllm-cpu": EngineImage.objects.create(
+            name="vllm-cpu",
+            reference="berth/vllm-cpu:0.32.0-test",
+            gpu_capable=False,
+            cpu_capable=True,
         ),
         "vllm": EngineImage.objects.create(name="vllm", reference="vllm/vllm-openai:v0.11.0"),
     }
@@ -149,3 +164,54 @@ def test_one_utilization_default_everywhere(alice: User, laptop: dict[str, Any])
         'name="gpu_count" value="0"'
         not in client_for(alice).get("/deployments/new/").content.decode()
     )
+
+
+def test_a_real_cpu_engine_shows_its_host_memory_plan(alice: User, laptop: dict[str, Any]) -> None:
+    """The plan panel of vLLM for CPUs: the container's memory limit and what it holds, the KV
+    space, the context, and what the host still gives CPU deployments — less once another CPU
+    deployment holds its share."""
+    host, model = Host.objects.get(pk=laptop["host"].pk), laptop["model"]
+    data = form(laptop, image=laptop["vllm-cpu"].pk, max_model_len="2048")
+    client = client_for(alice)
+    html = client.post("/deployments/new/plan/", data).content.decode()
+    plan = cpu_plan_for(model, host, parse_engine_args({"max_model_len": 2048}))
+    free = host_memory.free_bytes(host)
+    assert plan.fits
+    assert '<strong class="ok-note">Fits</strong>' in html
+    assert f"limited to <strong>{gib(plan.memory_limit_bytes)}</strong> of host memory" in html
+    assert f"KV cache of {plan.kv_cache_space_gib} GiB" in html
+    assert "VLLM_CPU_KVCACHE_SPACE" in html
+    assert "context 2048 tokens" in html
+    assert f"free for CPU deployments: <strong>{gib(free)}</strong>" in html
+    assert 'aria-label="laptop host memory plan"' in html
+
+    assert client.post("/deployments/new/", data).status_code == 302  # holds its memory
+    held = Deployment.objects.get().host_memory_bytes
+    assert held == plan.memory_limit_bytes
+    again = client.post("/deployments/new/plan/", {**data, "name": "tiny-2"}).content.decode()
+    assert f"free for CPU deployments: <strong>{gib(free - held)}</strong>" in again
+    assert f"({gib(held)} held by other deployments" in again
+
+
+def test_the_cpu_plan_says_when_the_host_memory_is_unknown(
+    alice: User, laptop: dict[str, Any]
+) -> None:
+    Host.objects.filter(pk=laptop["host"].pk).update(memory_total_bytes=None)
+    data = form(laptop, image=laptop["vllm-cpu"].pk, max_model_len="2048")
+    html = client_for(alice).post("/deployments/new/plan/", data).content.decode()
+    assert "Does not fit" in html
+    assert "laptop's memory is unknown: its agent has not reported yet" in html
+
+
+def test_with_any_host_the_cpu_plan_is_shown_for_the_host_it_would_use(
+    alice: User, laptop: dict[str, Any]
+) -> None:
+    Host.objects.filter(pk=laptop["host"].pk).update(status=HostStatus.ONLINE)  # placeable
+    host = Host.objects.get(pk=laptop["host"].pk)
+    data = form(laptop, host="", image=laptop["vllm-cpu"].pk, max_model_len="2048")
+    html = client_for(alice).post("/deployments/new/plan/", data).content.decode()
+    plan = cpu_plan_for(laptop["model"], host, parse_engine_args({"max_model_len": 2048}))
+    limit = gib(plan.memory_limit_bytes)
+    assert f'laptop</strong>: <span class="ok-note">fits</span> on its CPUs: {limit}' in html
+    assert "The plan on laptop" in html
+    assert f"limited to <strong>{limit}</strong> of host memory" in html

@@ -27,11 +27,14 @@ from audit.actions import Action, Outcome
 from core.contention import Contended
 from deployments import replicas, services, sizing
 from deployments.models import Deployment, GpuAllocation
+from deployments.planning.request import GIB
 from deployments.progress import load_progress
+from deployments.runtime import host_memory
 from deployments.runtime.engine_args import SchemaError, parse_engine_args
 from deployments.runtime.launch_spec import container_kwargs, docker_run_line
 from deployments.runtime.launcher import build_spec
 from deployments.states import ACTIVE, TERMINAL, State
+from deployments.validation import cpu_plan_for
 from deployments.web import api_deployments, groups, run_line
 from deployments.web.deleted import Deleted, find_deleted
 from deployments.web.forms import DeployForm
@@ -41,6 +44,7 @@ from deployments.web.stream import sse_events
 CSRF_SLOT = "berth-csrf-token-slot"
 
 DEPLOYMENTS_PER_PAGE = 50
+CPU_PLAN_KEYS = ("cpu_plan", "cpu_segments", "capacity", "free", "held", "host")  # _cpu_preview
 SEGMENT_CLASSES = {
     "weights": "seg-weights",
     "kv_cache": "seg-kv",
@@ -151,9 +155,11 @@ def _preview_anywhere(data: dict[str, Any], args: Any, count: int) -> dict[str, 
         }
     verdicts = [{"host": host, **_preview({**data, "host": host}, args)} for host in hosts]
     shown = next((v for v in verdicts if v.get("plan") and v["plan"].fits), None)
-    shown = shown or next((v for v in verdicts if v.get("plan")), None) or {}
+    shown = shown or next((v for v in verdicts if v.get("plan")), None)
+    shown = shown or next((v for v in verdicts if v.get("cpu_plan") and v["cpu_plan"].fits), None)
+    shown = shown or next((v for v in verdicts if v.get("cpu_plan")), None) or {}
     return {
-        **{key: shown[key] for key in ("plan", "bars") if key in shown},
+        **{key: shown[key] for key in ("plan", "bars", *CPU_PLAN_KEYS) if key in shown},
         "plan_host": shown.get("host"),
         "host_verdicts": verdicts,
         "placement": f"Any host: Berth plans {what} again for the host it lands on, "
@@ -171,12 +177,44 @@ def _preview(data: dict[str, Any], args: Any) -> dict[str, Any]:
         if gpu_count == 0:
             if not image.cpu_capable:
                 return {"error": "This image needs GPUs: set GPUs to 1 or more, or leave it empty."}
+            if not image.is_stand_in:  # a real CPU engine: host memory to plan
+                return _cpu_preview(data, args)
             why = "" if data.get("gpu_count") == 0 else f"{host.name} has no GPUs, so GPUs is 0: "
             return {"note": f"{why}a CPU engine, nothing to plan on this host."}
         plan = services.plan_for(data["model"], host, args, gpu_count, image)
     except ValidationError as exc:
         return {"error": " ".join(exc.messages)}
     return {"plan": plan, "bars": _bars(plan)}
+
+
+def _cpu_preview(data: dict[str, Any], args: Any) -> dict[str, Any]:
+    """A CPU engine's plan (``deployments.planning.cpu``): the container's memory limit and what
+    it holds, drawn over what the host gives CPU deployments. Raises ValidationError."""
+    host = data["host"]
+    plan = cpu_plan_for(data["model"], host, args, environment=data.get("environment") or {})
+    capacity = host_memory.capacity_bytes(host)
+    free = host_memory.free_bytes(host)
+    context = {"cpu_plan": plan, "host": host, "capacity": capacity, "free": free}
+    if capacity is None or free is None:
+        return context
+    context["held"] = capacity - free
+    parts = [
+        ("other CPU deployments", capacity - free, "seg-held"),
+        ("weights", plan.weights_bytes, "seg-weights"),
+        ("KV cache", plan.kv_cache_space_gib * GIB, "seg-kv"),
+        ("engine runtime", plan.runtime_bytes, "seg-overhead"),
+        ("left free", max(free - plan.memory_limit_bytes, 0), "seg-free"),
+    ]
+    total = max(capacity, sum(size for _, size, _ in parts)) or 1
+    segments, offset = [], 0.0
+    for label, size, css in parts:
+        if size > 0:
+            percent = round(size * 100 / total, 2)
+            segments.append({"label": label, "bytes": size, "css": css, "percent": percent,
+                             "offset": round(offset, 2)})  # fmt: skip
+            offset += percent
+    context["cpu_segments"] = segments
+    return context
 
 
 @role_required(Role.MEMBER)
