@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,11 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import CommandError
+from django.utils import timezone
 
 import docker
-from accounts.keys import KeySettings, create_api_key
+from accounts.keys import KeySettings, authenticate, create_api_key, revoke_api_key
+from accounts.models import ApiKey, KeyScope
 from deployments.models import Deployment, EngineImage
 from deployments.runtime.engine_build import (
     API_TIMEOUT_S,
@@ -52,6 +56,9 @@ CHAT_TOKENS = 16
 READY_DEADLINE_S = 900  # a first start compiles the model: about a minute on 2 idle cores
 POLL_S = 2.0
 KEY_PROPAGATION_TRIES = 30
+DEMO_KEY_NAME = "demo first chat"
+DEMO_KEY_FILE = "demo-gateway-key"  # under VAR_DIR, mode 0600
+DEMO_KEY_MIN_LEFT = timedelta(hours=1)  # a key about to expire is replaced, not reused
 
 
 def choose_engine(say: Callable[[str], None]) -> str:
@@ -162,15 +169,67 @@ def _post_gateway(body: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
         connection.close()
 
 
-def first_chat(deployment: Deployment) -> str:
-    """One chat completion through the gateway, with a key of the demo team made for it
-    (``demo first chat``, expiring in a day; printed once, like every key); the answer and how
-    to send the next one."""
+def demo_key(deployment: Deployment) -> tuple[ApiKey, str, bool]:
+    """The demo team's gateway key for ``deployment`` and its clear text, and whether it was
+    reused: the key kept in :func:`demo_key_file` while it still works for at least
+    :data:`DEMO_KEY_MIN_LEFT` (so a curl line copied from the last ``make run`` keeps working);
+    otherwise a new one (a day), written there (0600), every older demo key of the team revoked
+    so that they do not pile up. A file other users could read is not trusted."""
+    path = demo_key_file()
+    kept = _read_private(path)
+    key = authenticate(kept, KeyScope.INFERENCE) if kept else None
+    if (
+        key is not None
+        and key.team_id == deployment.team_id
+        and key.name == DEMO_KEY_NAME
+        and deployment.name in key.model_names
+        and key.expires is not None
+        and key.expires - timezone.now() >= DEMO_KEY_MIN_LEFT
+    ):
+        return key, kept, True
+    for old in ApiKey.objects.usable().filter(team=deployment.team, name=DEMO_KEY_NAME):
+        revoke_api_key(old, reason="replaced by the next demo key")
     key, clear = create_api_key(
         deployment.team,
-        KeySettings(name="demo first chat", model_names=(deployment.name,), expires_days=1),
+        KeySettings(name=DEMO_KEY_NAME, model_names=(deployment.name,), expires_days=1),
         created_by=deployment.requested_by,
     )
+    _write_private(path, clear)
+    return key, clear, False
+
+
+def demo_key_file() -> Path:
+    return Path(settings.VAR_DIR) / DEMO_KEY_FILE
+
+
+def _read_private(path: Path) -> str:
+    """The file's text when only its owner (this user) can read or write it, else ""."""
+    try:
+        with path.open(encoding="ascii") as handle:
+            stat = os.fstat(handle.fileno())
+            if stat.st_uid != os.getuid() or stat.st_mode & 0o077:
+                return ""
+            return handle.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, created 0600 (never readable by others, not even for a
+    moment), by a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(text + "\n")
+    partial.replace(path)
+
+
+def first_chat(deployment: Deployment) -> str:
+    """One chat completion through the gateway with the demo team's key (:func:`demo_key`); the
+    answer and how to send the next one."""
+    key, clear, reused = demo_key(deployment)
     body = {
         "model": deployment.name,
         "messages": [{"role": "user", "content": "Hello! Who are you?"}],
@@ -196,6 +255,8 @@ def first_chat(deployment: Deployment) -> str:
     return (
         f"The demo model answered through Berth's gateway ({tokens} tokens; random text, its "
         f"weights are random): {text!r}\n"
-        f"  The demo team's key '{key.name}' (expires in a day, shown only now): {clear}\n"
+        f"  The demo team's key '{key.name}' ({'the same as last time' if reused else 'new'}; "
+        f"expires {key.expires:%Y-%m-%d %H:%M} UTC; kept for the next run in "
+        f"{demo_key_file()}, readable only by you): {clear}\n"
         f"  Try it yourself: {curl}"
     )
