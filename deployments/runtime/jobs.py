@@ -2,7 +2,8 @@
 
 Jobs run on the deployment host's queue (``host:<name>``), where that host's agent works; the
 watcher re-books itself every ``BERTH_MONITOR_INTERVAL_S`` under one job id per generation, so a
-duplicate cannot fork the chain.
+duplicate cannot fork the chain (while the engine loads, one run stays with it for up to
+``loading_watch.HOLD_S``: ``deployments.runtime.loading_watch``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import asdict
 from datetime import timedelta
 
 from django.conf import settings
-from rq import get_current_job
+from rq import Queue, get_current_job
 
 import audit
 from audit.actions import Action
@@ -22,6 +23,7 @@ from deployments.models import Deployment
 from deployments.runtime import launcher
 from deployments.runtime.engine_host import EngineHost
 from deployments.runtime.gc import collect
+from deployments.runtime.loading_watch import watch_while_loading
 from deployments.runtime.reconcile import reconcile_host
 from deployments.states import State
 from gpus.models import Host
@@ -83,8 +85,11 @@ def watch_job(deployment_pk: int, generation: int) -> bool:
     deployment = Deployment.objects.select_related("host", "model__mount", "team", "image").get(
         pk=deployment_pk
     )
+    queue = _own_queue(deployment)
     with EngineHost.of(deployment.host) as engine:
-        again = launcher.watch(engine, deployment, generation)
+        again = watch_while_loading(
+            engine, deployment, generation, others_waiting=lambda: queue.count > 0
+        )
     if again:
         book_watch(deployment)
     return again
@@ -153,10 +158,16 @@ def reconcile_job(host_pk: int) -> dict:
         return asdict(reconcile_host(host, engine, resume=resume))
 
 
+def _own_queue(deployment: Deployment) -> Queue:
+    """The queue the current job came from, else the deployment's host's."""
+    job = get_current_job()
+    return get_queue(job.origin) if job is not None else get_queue(deployment.host.queue_name)
+
+
 def book_watch(deployment: Deployment, delay_s: float | None = None) -> None:
     """Schedule the next look at the engine on the same queue."""
     job = get_current_job()
-    queue = get_queue(job.origin) if job is not None else get_queue(deployment.host.queue_name)
+    queue = _own_queue(deployment)
     delay = settings.BERTH_MONITOR_INTERVAL_S if delay_s is None else delay_s
     options = {
         "job_id": naming.deployment_job_id("watch", deployment.pk, deployment.generation),
