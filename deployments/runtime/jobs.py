@@ -12,6 +12,7 @@ from dataclasses import asdict
 from datetime import timedelta
 
 from django.conf import settings
+from redis.exceptions import RedisError
 from rq import Queue, get_current_job
 
 import audit
@@ -88,7 +89,7 @@ def watch_job(deployment_pk: int, generation: int) -> bool:
     queue = _own_queue(deployment)
     with EngineHost.of(deployment.host) as engine:
         again = watch_while_loading(
-            engine, deployment, generation, others_waiting=lambda: queue.count > 0
+            engine, deployment, generation, others_waiting=lambda: _others_waiting(queue)
         )
     if again:
         book_watch(deployment)
@@ -156,6 +157,15 @@ def reconcile_job(host_pk: int) -> dict:
     host = Host.objects.get(pk=host_pk)
     with EngineHost.of(host) as engine:
         return asdict(reconcile_host(host, engine, resume=resume))
+
+
+def _others_waiting(queue: Queue) -> bool:
+    """Whether another job waits on ``queue``; True when Redis does not answer (the run ends
+    and its re-booking meets the outage, as before)."""
+    try:
+        return queue.count > 0
+    except RedisError:
+        return True
 
 
 def _own_queue(deployment: Deployment) -> Queue:
