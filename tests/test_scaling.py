@@ -192,6 +192,9 @@ def test_idle_goes_to_zero_releasing_its_memory_and_the_first_request_wakes_it(
     client.force_login(fleet.member)
     dashboard = client.get("/").content.decode()
     assert "scaled to zero" in dashboard
+    panel = client.get(f"/deployments/{tiny.public_id}/scaling/").content.decode()
+    assert "<polyline" in panel  # replicas over time against load, from the scaler's samples
+    assert "<strong>Idle</strong>" in panel
 
     # The first request wakes it and is held until a replica is ready; one sent meanwhile
     # waits behind it. Both are answered.
