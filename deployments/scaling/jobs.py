@@ -20,11 +20,12 @@ from django.conf import settings
 from core import naming
 from core.periodic import Scope, system_job
 from core.queues import enqueue, get_queue
-from deployments.models import Deployment
+from deployments.models import Deployment, DeploymentEvent, EventKind
 from deployments.runtime import launcher
 from deployments.runtime.engine_host import EngineHost, engine_address
 from deployments.scaling import scaler, signals
 from deployments.scaling.actions import DRAIN_JOB_TIMEOUT_S
+from deployments.states import State
 
 DRAIN_POLL_S = 0.5
 
@@ -50,26 +51,40 @@ def enqueue_drain(row: Deployment) -> str:
 
 def drain_job(deployment_pk: int, generation: int) -> str:
     deployment = Deployment.objects.select_related("host").get(pk=deployment_pk)
-    waited = wait_drained(deployment, settings.BERTH_SCALE_DRAIN_TIMEOUT_S)
+    if deployment.generation != generation or deployment.state != State.STOPPING:
+        return "nothing to do"
+    waited, most = wait_drained(deployment, settings.BERTH_SCALE_DRAIN_TIMEOUT_S)
+    DeploymentEvent.objects.create(
+        deployment=deployment,
+        generation=generation,
+        kind=EventKind.PROGRESS,
+        message=f"drained in {waited:.1f} s: {most:g} request(s) in the engine finished first"
+        if most
+        else f"drained in {waited:.1f} s: nothing was running",
+        data={"drain_s": round(waited, 2), "in_flight": most},
+    )
     with EngineHost.of(deployment.host) as engine:
         result = launcher.stop(engine, deployment, generation)
     return f"{result} after draining {waited:.1f} s"
 
 
-def wait_drained(deployment: Deployment, timeout_s: float) -> float:
+def wait_drained(deployment: Deployment, timeout_s: float) -> tuple[float, float]:
     """Wait until the engine has nothing running or waiting (twice in a row) or ``timeout_s``;
-    the seconds waited. An engine that does not answer has nothing left to finish."""
-    started = time.monotonic()
+    the seconds waited and the most requests seen in the engine meanwhile. An engine that does
+    not answer has nothing left to finish."""
+    started, most = time.monotonic(), 0.0
     if not deployment.host_port:
-        return 0.0
+        return 0.0, most
     address = engine_address(deployment.host.docker_endpoint).strip("[]")
     idle_reads = 0
     while time.monotonic() - started < timeout_s:
         reading = signals.read_engine(address, deployment.host_port, deployment.engine_key)
         if reading is None:
             break
-        idle_reads = idle_reads + 1 if reading.running + reading.waiting == 0 else 0
+        in_engine = reading.running + reading.waiting
+        most = max(most, in_engine)
+        idle_reads = idle_reads + 1 if in_engine == 0 else 0
         if idle_reads >= 2:
             break
         time.sleep(DRAIN_POLL_S)
-    return time.monotonic() - started
+    return time.monotonic() - started, most
